@@ -1,0 +1,62 @@
+# Two commands for a newcomer: `make demo` and `make test`. Everything they need is built here.
+# Environments live outside the checkout, keyed by a hash of their pinned requirements, so every
+# clone of the same revision reuses them:  $(ENV_ROOT)/main-<hash>, $(ENV_ROOT)/retrieval-<hash>.
+# Overridable: PYTHON (interpreter that creates the venvs), ENV_ROOT, WORK (demo outputs), PYTEST_ARGS.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+PYTHON ?= python3
+ENV_ROOT ?= $(HOME)/.cache/tga-pipeline/envs
+WORK ?= work
+PYTEST_ARGS ?=
+
+# CUDA machines take the default (CUDA) torch wheel and flash-attn; others the CPU wheel, installed
+# before anything else so no dependency drags in a multi-GB CUDA build.
+HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+ifeq ($(HAS_CUDA),1)
+TORCH_SPEC := torch
+EXTRA_SPEC := flash-attn
+else
+TORCH_SPEC := torch==2.13.0
+EXTRA_SPEC :=
+endif
+MAIN_HASH := $(shell cat requirements/main.txt requirements/dev.txt | { cat; echo "$(TORCH_SPEC) $(EXTRA_SPEC)"; } | sha256sum | cut -c1-12)
+RETRIEVAL_HASH := $(shell sha256sum requirements/retrieval.txt | cut -c1-12)
+MAIN_ENV := $(ENV_ROOT)/main-$(MAIN_HASH)
+RETRIEVAL_ENV := $(ENV_ROOT)/retrieval-$(RETRIEVAL_HASH)
+PY := $(MAIN_ENV)/bin/python
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: demo test env retrieval-env clean-work
+
+demo: env retrieval-env
+	$(PY) -m pipeline.demo --work $(WORK)
+
+test: env retrieval-env
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+env: $(MAIN_ENV)/.ready
+	ln -sfn $(MAIN_ENV) .venv
+
+retrieval-env: $(RETRIEVAL_ENV)/.ready
+	ln -sfn $(RETRIEVAL_ENV) .retrieval-venv
+
+# A venv is only used once `.ready` exists; an interrupted build is wiped and redone.
+$(MAIN_ENV)/.ready: requirements/main.txt requirements/dev.txt
+	rm -rf $(MAIN_ENV) && mkdir -p $(ENV_ROOT)
+	$(PYTHON) -m venv $(MAIN_ENV)
+	$(MAIN_ENV)/bin/pip install -q --upgrade pip
+	$(MAIN_ENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(MAIN_ENV)/bin/pip install -q -r requirements/main.txt -r requirements/dev.txt $(EXTRA_SPEC)
+	# clip-anytorch only for its OpenAI BPE vocabulary file (tiny CLIP tokenizer); never imported.
+	$(MAIN_ENV)/bin/pip install -q --no-deps clip-anytorch==2.6.0
+	touch $@
+
+$(RETRIEVAL_ENV)/.ready: requirements/retrieval.txt
+	rm -rf $(RETRIEVAL_ENV) && mkdir -p $(ENV_ROOT)
+	$(PYTHON) -m venv $(RETRIEVAL_ENV)
+	$(RETRIEVAL_ENV)/bin/pip install -q --upgrade pip
+	$(RETRIEVAL_ENV)/bin/pip install -q -r requirements/retrieval.txt
+	touch $@
+
+clean-work:
+	rm -rf $(WORK)
