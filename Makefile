@@ -1,12 +1,11 @@
 # Two commands for a newcomer: `make demo` and `make test`. Everything they need is built here.
 # Environments live outside the checkout, keyed by a hash of their pinned requirements, so every
 # clone of the same revision reuses them:  $(ENV_ROOT)/main-<hash>, $(ENV_ROOT)/retrieval-<hash>.
-# Overridable: PYTHON (interpreter that creates the venvs), ENV_ROOT, WORK (demo outputs), PYTEST_ARGS.
+# Overridable: PYTHON (interpreter that creates the venvs), ENV_ROOT, PYTEST_ARGS.
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 PYTHON ?= python3
 ENV_ROOT ?= $(HOME)/.cache/tga-pipeline/envs
-WORK ?= work
 PYTEST_ARGS ?=
 
 # CUDA machines take the default (CUDA) torch wheel and flash-attn; others the CPU wheel, installed
@@ -28,8 +27,16 @@ export PYTHONPATH := $(CURDIR)
 
 .PHONY: demo test env retrieval-env clean-work
 
+# The whole pipeline on the embedded tiny world; every stage reads/writes under work/.
 demo: env retrieval-env
-	$(PY) -m pipeline.demo --work $(WORK)
+	$(PY) -m pipeline.tinyworld --out work/tiny
+	$(PY) -m stages.caption_index --config configs/tiny/caption_index.yaml
+	$(PY) -m stages.retrieval_join --config configs/tiny/retrieval_join_stage1.yaml
+	$(PY) -m stages.retrieval_join --config configs/tiny/retrieval_join_stage2.yaml
+	PYTHON=$(PY) CONFIG=configs/tiny/stage1.yaml CPU_RANKS=2 bash launch/stage1.sh
+	@echo
+	@echo "Results under work/: tiny world, index/, shards/, runs/ (checkpoints, exports, metrics.jsonl)."
+	@echo "MLflow UI:  $(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/work/runs/stage1/mlflow.db"
 
 test: env retrieval-env
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -59,4 +66,4 @@ $(RETRIEVAL_ENV)/.ready: requirements/retrieval.txt
 	touch $@
 
 clean-work:
-	rm -rf $(WORK)
+	rm -rf work

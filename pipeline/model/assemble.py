@@ -1,0 +1,185 @@
+"""Assemble transformers' native `LlavaForConditionalGeneration` from a CLIP tower + a causal LM.
+
+Nothing here knows how the model is trained: freezing is a policy applied by name, precision and
+ZeRO-3 partitioning come from the caller (an active `HfDeepSpeedConfig` makes every
+`from_pretrained` below load straight into partitions, so a 7B LLM is never materialised whole on
+each rank).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from pipeline.config import InputPath
+
+PROJECTOR_PREFIX = "multi_modal_projector."
+# LLaVA's own projector files (mm_projector.bin) name the two linears by Sequential index.
+_LLAVA_PROJECTOR_KEYS = {"model.mm_projector.0.": "linear_1.", "model.mm_projector.2.": "linear_2."}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    llm: InputPath                       # causal LM folder (its tokenizer too, unless `tokenizer`)
+    vision_tower: InputPath              # CLIP folder (CLIPModel or CLIPVisionModel)
+    tokenizer: InputPath | None = None
+    projector: InputPath | None = None   # stage-1 export (ours or LLaVA's mm_projector naming)
+    image_token: str = "<image>"
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    gradient_checkpointing: bool = False
+    pad_to_square: bool = True           # LLaVA-1.5: pad with the mean colour before resizing
+
+
+@dataclasses.dataclass
+class AssembledModel:
+    model: LlavaForConditionalGeneration
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: CLIPImageProcessor
+    num_image_tokens: int
+
+
+def resolve_attention(requested: str, device_type: str) -> str:
+    """flash_attention_2 on CUDA when flash-attn imports, else SDPA. Never eager by default: TGA
+    needs hidden states only, and attention maps would force eager (reference defect 4)."""
+    if requested != "auto":
+        return requested
+    if device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def resolve_dtype(requested: str, device_type: str) -> torch.dtype:
+    if requested == "bf16" or (requested == "auto" and device_type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.llm)
+    if cfg.image_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [cfg.image_token]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def build_llava(cfg: ModelConfig, device_type: str = "cpu") -> AssembledModel:
+    """Vision tower + projector + LLM as one `LlavaForConditionalGeneration` (HF format)."""
+    attn = resolve_attention(cfg.attn_implementation, device_type)
+    dtype = resolve_dtype(cfg.dtype, device_type)
+    tokenizer = load_tokenizer(cfg)
+    vision_config = _vision_config(cfg.vision_tower)
+    text_config = AutoConfig.from_pretrained(cfg.llm)
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(cfg.image_token),
+        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
+        projector_hidden_act="gelu",            # mlp2x_gelu
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",  # drop CLS: patch tokens only
+    )
+    llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=dtype, attn_implementation=attn)
+    if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+        llm.resize_token_embeddings(len(tokenizer))
+    config.text_config = llm.config
+    vision = CLIPVisionModel.from_pretrained(cfg.vision_tower, dtype=dtype, attn_implementation=attn)
+    # The skeleton costs nothing on the meta device; its towers are replaced by the loaded ones.
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision
+    model.model.language_model = llm.model
+    model.lm_head = llm.lm_head
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(dtype)
+    if cfg.projector is not None:
+        load_projector(model, cfg.projector)
+    model.config._attn_implementation = attn
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    processor = CLIPImageProcessor.from_pretrained(cfg.vision_tower)
+    return AssembledModel(model, tokenizer, processor, config.image_seq_length)
+
+
+def load_exported(folder: Path, device_type: str = "cpu", attn: str = "auto") -> AssembledModel:
+    """A full Llava folder (our export or any HF LLaVA checkpoint)."""
+    model = LlavaForConditionalGeneration.from_pretrained(
+        folder, dtype=resolve_dtype("auto", device_type),
+        attn_implementation=resolve_attention(attn, device_type))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    processor = CLIPImageProcessor.from_pretrained(folder)
+    return AssembledModel(model, tokenizer, processor, model.config.image_seq_length)
+
+
+def apply_freeze(model: LlavaForConditionalGeneration, trainable: list[str]) -> list[str]:
+    """Train only the named parts ("projector", "llm"); the vision tower is always frozen."""
+    parts = {"projector": [model.model.multi_modal_projector],
+             "llm": [model.model.language_model, model.lm_head]}
+    unknown = set(trainable) - set(parts)
+    if unknown:
+        raise ValueError(f"unknown trainable part(s) {sorted(unknown)}; allowed: {sorted(parts)}")
+    model.requires_grad_(False)
+    for name in trainable:
+        for module in parts[name]:
+            module.requires_grad_(True)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def projector_state_dict(full_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The projector weights of a full (consolidated) Llava state dict, with our export names."""
+    marker = "multi_modal_projector."
+    out = {PROJECTOR_PREFIX + k.split(marker, 1)[1]: v.contiguous()
+           for k, v in full_state.items() if marker in k}
+    if not out:
+        raise ValueError("state dict has no multi_modal_projector weights")
+    return out
+
+
+def save_projector(state: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path),
+              metadata={"format": "pt", "content": "llava multi_modal_projector (mlp2x_gelu)"})
+
+
+def load_projector(model: LlavaForConditionalGeneration, path: Path) -> None:
+    path = Path(path)
+    state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu")
+    renamed = {}
+    for key, value in state.items():
+        for old, new in _LLAVA_PROJECTOR_KEYS.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+        renamed[key.removeprefix(PROJECTOR_PREFIX)] = value
+    projector = model.model.multi_modal_projector
+    expected = set(projector.state_dict())
+    if set(renamed) != expected:
+        raise ValueError(f"{path}: projector keys {sorted(renamed)} do not match {sorted(expected)}")
+    for key, value in renamed.items():
+        if projector.state_dict()[key].shape != value.shape:
+            raise ValueError(f"{path}: projector weight {key} has shape {tuple(value.shape)}, model "
+                             f"expects {tuple(projector.state_dict()[key].shape)} (other LLM/tower?)")
+    with torch.no_grad():
+        projector.load_state_dict(renamed)
+
+
+def _vision_config(folder: Path) -> CLIPVisionConfig:
+    config = AutoConfig.from_pretrained(folder)
+    vision = getattr(config, "vision_config", config)
+    if not isinstance(vision, CLIPVisionConfig):
+        raise ValueError(f"{folder}: not a CLIP model folder (config is {type(config).__name__})")
+    return vision

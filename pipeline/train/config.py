@@ -1,0 +1,61 @@
+"""The training-stage config (stage 1 and stage 2 share it; their YAML files differ)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+from pipeline.config import InputPath
+from pipeline.data.loader import LoaderConfig
+from pipeline.model.assemble import ModelConfig
+from pipeline.tga.loss import TGAConfig
+from pipeline.train.checkpoint import CheckpointConfig
+from pipeline.train.tracking import TrackingConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+    template: str = "tokenizer"      # see pipeline/tga/templates.py: tokenizer, llama2, vicuna_v1, plain
+    insert_retrieved: bool = True    # "Retrieved Text: {text}. <image>" (reference stage 1: False)
+    system_prompt: str | None = None
+    max_tokens: int = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.03
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    stage: Literal["stage1", "stage2"]
+    run_dir: Path
+    shards: InputPath
+    model: ModelConfig
+    deepspeed_config: InputPath = Path("configs/deepspeed/zero3.json")
+    trainable: list[str] = dataclasses.field(default_factory=lambda: ["projector"])
+    prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+    tga: TGAConfig = dataclasses.field(default_factory=TGAConfig)
+    loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    epochs: int = 1
+    max_steps: int | None = None          # optimizer steps; None = epochs × batches per epoch
+    seed: int = 0
+    log_every_steps: int = 1
+    # Stage 1 freezes the LLM, so caption targets never change: keep them per sample key.
+    caption_target_cache: int = 100_000   # entries per rank; 0 disables
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self):
+        if "llm" in self.trainable and self.caption_target_cache:
+            raise ValueError("caption_target_cache needs a frozen LLM; set it to 0 when training 'llm'")
+        if self.optim.grad_accum < 1 or self.loader.batch_size < 1:
+            raise ValueError("optim.grad_accum and loader.batch_size must be >= 1")

@@ -1,0 +1,47 @@
+"""Small collective helpers: every rank calls them at the same point of the loop."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def comm_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo CPU ones."""
+    if _active() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_rank(*flags: bool) -> list[bool]:
+    """Per flag: is it set on any rank? One all-reduce for all flags."""
+    if not _active():
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    if not _active() or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t)
+    return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def sum_over_ranks(value: float) -> float:
+    if not _active():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t)
+    return t.item()
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()

@@ -1,0 +1,79 @@
+"""One TGA micro-step: the multimodal forward, the caption targets, the loss.
+
+Under ZeRO-3 every forward gathers parameters collectively, so each rank must run the same
+forwards in the same order: the text-side forward runs on every rank when any rank needs it, and a
+rank whose batch has no image still runs the vision tower on a dummy image (its output enters
+the loss with weight 0) so the others never wait on it.
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline.tga.loss import TGAConfig, pool_caption_targets, tga_loss
+from pipeline.train.distributed import any_rank
+
+
+class CaptionTargets:
+    """Text-side targets t_b^l: pooled caption hidden states from a no-grad, eval-mode forward of
+    the current weights. With a frozen LLM (stage 1) they are cached per sample key."""
+
+    def __init__(self, layers: list[int], cache_size: int):
+        self.layers, self.cache_size = list(layers), cache_size
+        self.cache: dict[str, tuple[torch.Tensor, bool]] = {}
+        self.forwards = 0
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = batch["keys"]
+        missing = any(k not in self.cache for k in keys) or not self.cache_size
+        if any_rank(missing)[0]:
+            targets, valid = self._forward(model, batch)
+            if self.cache_size:
+                for i, key in enumerate(keys):
+                    if len(self.cache) < self.cache_size:
+                        self.cache[key] = (targets[:, i].cpu(), bool(valid[i]))
+            return targets, valid
+        device = batch["input_ids"].device
+        targets = torch.stack([self.cache[k][0] for k in keys], dim=1).to(device)
+        valid = torch.tensor([self.cache[k][1] for k in keys], device=device)
+        return targets, valid
+
+    @torch.no_grad()
+    def _forward(self, model: torch.nn.Module, batch: dict):
+        self.forwards += 1
+        was_training = model.training
+        model.eval()
+        try:
+            # LlavaModel, not the LM head: only hidden states are needed (no logits, no attentions).
+            out = model.model(input_ids=batch["caption_input_ids"],
+                              attention_mask=batch["caption_attention_mask"],
+                              output_hidden_states=True)
+        finally:
+            model.train(was_training)
+        return pool_caption_targets(out.hidden_states, batch["caption_spans"], self.layers)
+
+
+def tga_forward(engine, batch: dict, targets_fn: CaptionTargets, step_fraction: float,
+                cfg: TGAConfig, use_tga: bool = True) -> tuple[torch.Tensor, dict]:
+    model = engine.module
+    pixel_values = batch.get("pixel_values")
+    out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 pixel_values=pixel_values, labels=batch["labels"], output_hidden_states=True)
+    lm_loss = out.loss
+    if pixel_values is None:
+        lm_loss = lm_loss + 0.0 * _dummy_vision(model, batch["input_ids"].device)
+    if not use_tga:
+        return lm_loss, {"lm": lm_loss.detach()}
+    targets, valid = targets_fn(model, batch)
+    image_hidden = torch.stack([out.hidden_states[layer] for layer in cfg.layers])  # [L,B,T,D]
+    return tga_loss(lm_loss, image_hidden, batch["image_spans"], batch["retrieved_spans"],
+                    targets, valid, step_fraction, cfg)
+
+
+def _dummy_vision(model, device) -> torch.Tensor:
+    vision = model.config.vision_config
+    dtype = next(model.model.multi_modal_projector.parameters()).dtype
+    pixels = torch.zeros(1, 3, vision.image_size, vision.image_size, device=device, dtype=dtype)
+    features = model.model.get_image_features(pixel_values=pixels,
+                                              vision_feature_layer=model.config.vision_feature_layer,
+                                              vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+    return sum(f.sum() for f in features.pooler_output)
