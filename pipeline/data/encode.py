@@ -33,12 +33,12 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
 
 class SampleEncoder:
     def __init__(self, tokenizer, image_processor, *, num_image_tokens: int, template: str,
-                 insert_retrieved: bool, max_tokens: int, system_prompt: str | None = None,
+                 insert_retrieved: bool, max_tokens: int,
                  pad_to_square: bool = True, image_token: str = "<image>"):
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.num_image_tokens, self.template = num_image_tokens, template
         self.insert_retrieved, self.max_tokens = insert_retrieved, max_tokens
-        self.system_prompt, self.pad_to_square, self.image_token = system_prompt, pad_to_square, image_token
+        self.pad_to_square, self.image_token = pad_to_square, image_token
         mean = getattr(image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
         self.fill = tuple(int(255 * m) for m in mean)
 
@@ -56,19 +56,18 @@ class SampleEncoder:
             image_caption=meta.get("image_caption"),
             retrieved_text=retrieved[0]["text"] if retrieved else None,
             insert_retrieved=self.insert_retrieved, num_image_tokens=self.num_image_tokens,
-            max_tokens=self.max_tokens, image_token=self.image_token,
-            system_prompt=self.system_prompt)
+            max_tokens=self.max_tokens, image_token=self.image_token)
         if isinstance(text, Rejected):
             return text
         has_image = text.image_span is not None
         if has_image and sample.image is None:
-            return Rejected(reason="image_token_without_image")
+            return Rejected("image_token_without_image")
         if sample.image is not None and not has_image:
-            return Rejected(reason="image_without_image_token")
+            return Rejected("image_without_image_token")
         try:
             pixels = self.pixels(sample.image) if has_image else None
         except (OSError, ValueError) as err:
-            return Rejected(reason=f"undecodable_image: {type(err).__name__}")
+            return Rejected("undecodable_image", f"{type(err).__name__}: {err}")
         return Encoded(sample.key, text, pixels)
 
 

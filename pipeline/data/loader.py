@@ -137,6 +137,9 @@ class ShardBatches(IterableDataset):
 def build_loader(shards_dir: Path, *, rank: int, world_size: int, cfg: LoaderConfig,
                  encode: Callable, collate: Callable, seed: int) -> StatefulDataLoader:
     shards = list_shards(shards_dir)
+    if len(shards) < world_size:
+        raise ValueError(f"{shards_dir}: {len(shards)} shard(s) for {world_size} ranks: every rank needs "
+                         "at least one (lower samples_per_shard in the retrieval_join config)")
     check_shard_count(len(shards), world_size, cfg.num_workers)
     dataset = ShardBatches(shards, rank=rank, world_size=world_size, batch_size=cfg.batch_size,
                            encode=encode, collate=collate, seed=seed,

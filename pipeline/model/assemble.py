@@ -7,6 +7,7 @@ each rank).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 from pathlib import Path
@@ -25,6 +26,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     PreTrainedTokenizerBase,
 )
+from transformers.integrations import deepspeed as deepspeed_integration
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from pipeline.config import InputPath
@@ -102,7 +104,7 @@ def build_llava(cfg: ModelConfig, device_type: str = "cpu") -> AssembledModel:
     config.text_config = llm.config
     vision = CLIPVisionModel.from_pretrained(cfg.vision_tower, dtype=dtype, attn_implementation=attn)
     # The skeleton costs nothing on the meta device; its towers are replaced by the loaded ones.
-    with torch.device("meta"):
+    with torch.device("meta"), _zero3_init_paused():
         model = LlavaForConditionalGeneration(config)
     model.model.vision_tower = vision
     model.model.language_model = llm.model
@@ -175,6 +177,20 @@ def load_projector(model: LlavaForConditionalGeneration, path: Path) -> None:
                              f"expects {tuple(projector.state_dict()[key].shape)} (other LLM/tower?)")
     with torch.no_grad():
         projector.load_state_dict(renamed)
+
+
+@contextlib.contextmanager
+def _zero3_init_paused():
+    """transformers wraps every sub-model construction in zero.Init while an HfDeepSpeedConfig is
+    active; a meta-device skeleton must skip that (there is nothing to partition or initialise)."""
+    active = deepspeed_integration._hf_deepspeed_config_weak_ref
+    holder = active() if active is not None else None
+    deepspeed_integration.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if holder is not None:
+            deepspeed_integration.set_hf_deepspeed_config(holder)
 
 
 def _vision_config(folder: Path) -> CLIPVisionConfig:

@@ -17,7 +17,6 @@ from pipeline.train.tracking import TrackingConfig
 class PromptConfig:
     template: str = "tokenizer"      # see pipeline/tga/templates.py: tokenizer, llama2, vicuna_v1, plain
     insert_retrieved: bool = True    # "Retrieved Text: {text}. <image>" (reference stage 1: False)
-    system_prompt: str | None = None
     max_tokens: int = 2048
 
 
@@ -53,6 +52,8 @@ class TrainConfig:
     # Stage 1 freezes the LLM, so caption targets never change: keep them per sample key.
     caption_target_cache: int = 100_000   # entries per rank; 0 disables
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Signals that mean "checkpoint at the next step boundary and exit 0" (Slurm: --signal=B:USR1@…).
+    preemption_signals: list[str] = dataclasses.field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
     def __post_init__(self):
         if "llm" in self.trainable and self.caption_target_cache:

@@ -26,9 +26,9 @@ from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.config import TrainConfig
 from pipeline.train.distributed import any_rank, barrier, mean_over_ranks
 from pipeline.train.metrics import StepMeter
-from pipeline.train.plots import alignment_plot
+from pipeline.train.plots import layer_cosine_figure, save_png
 from pipeline.train.preemption import PreemptionFlag, requeue_if_slurm
-from pipeline.train.rng import get_rng_state, set_rng_state
+from pipeline.train.rng import capture_rng_state, restore_rng_state
 from pipeline.train.step import CaptionTargets, tga_forward
 from pipeline.train.tracking import Tracker, git_commit
 
@@ -60,7 +60,7 @@ def train(cfg: TrainConfig) -> int:
     encoder = SampleEncoder(assembled.tokenizer, assembled.image_processor,
                             num_image_tokens=assembled.num_image_tokens,
                             template=cfg.prompt.template, insert_retrieved=cfg.prompt.insert_retrieved,
-                            max_tokens=cfg.prompt.max_tokens, system_prompt=cfg.prompt.system_prompt,
+                            max_tokens=cfg.prompt.max_tokens,
                             pad_to_square=cfg.model.pad_to_square, image_token=cfg.model.image_token)
     pad_id = assembled.tokenizer.pad_token_id
     loader = build_loader(cfg.shards, rank=rank, world_size=world, cfg=cfg.loader, encode=encoder,
@@ -76,10 +76,10 @@ def train(cfg: TrainConfig) -> int:
     state = TrainState()
     restored = checkpointer.load()
     if restored is not None:
-        client_state, extra = restored
-        state = TrainState(**client_state["train_state"])
-        loader.load_state_dict(extra["loader"])
-        set_rng_state(extra["rng"])
+        state = TrainState(**restored.client_state["train_state"])
+        if restored.extra_per_rank is not None:  # None after a universal (world-size change) resume
+            loader.load_state_dict(restored.extra_per_rank["loader"])
+            restore_rng_state(restored.extra_per_rank["rng"])
         log.info("rank %d resumed at step %d (epoch %d)", rank, state.step, state.epoch)
     loader.dataset.set_epoch(state.epoch)
 
@@ -93,16 +93,17 @@ def train(cfg: TrainConfig) -> int:
         if restored is None:
             tracker.log_artifact(run_dir / "config.yaml")
             tracker.log_artifact(run_dir / "deepspeed.json")
-            print(f"[{cfg.stage}] MLflow: {tracker.ui_command}", flush=True)
+            print(f"[{cfg.stage}] MLflow: {tracker.ui_command or tracker.run_url}", flush=True)
 
     targets = CaptionTargets(cfg.tga.layers, cfg.caption_target_cache)
     use_tga = cfg.tga.align_on or cfg.tga.pair_on
-    preemption = PreemptionFlag()
+    preemption = PreemptionFlag(cfg.preemption_signals)
     ledger = (run_dir / "samples").joinpath(f"rank{rank}.jsonl")
     ledger.parent.mkdir(exist_ok=True)
     batches = iter(loader)
     batches_this_epoch, fresh_epoch = 0, restored is None  # a resumed epoch may already be spent
     meter = StepMeter()
+    history: list = []  # (step, {layer: cosine}) for the alignment plot
     exit_reason = "finished"
     engine.train()
 
@@ -111,7 +112,7 @@ def train(cfg: TrainConfig) -> int:
         batch = next(batches, None)
         meter.data_wait(time.perf_counter() - waited)
         at_boundary = meter.micro_steps == 0
-        stop, exhausted = any_rank(preemption.requested and at_boundary, batch is None)
+        stop, exhausted = any_rank(preemption.is_set and at_boundary, batch is None)
         if stop:
             exit_reason = "preempted"
             break
@@ -136,9 +137,9 @@ def train(cfg: TrainConfig) -> int:
         if meter.micro_steps < cfg.optim.grad_accum:
             continue
         state.step += 1
-        _log_step(tracker, meter, engine, state, world, cfg, run_dir, rank)
+        _log_step(tracker, meter, engine, state, world, cfg, run_dir, rank, history)
         meter.reset()
-        if state.step % cfg.checkpoint.every_steps == 0 and state.step < total_steps:
+        if checkpointer.is_due(state.step) and state.step < total_steps:
             _save(checkpointer, state, loader)
 
     _save(checkpointer, state, loader)
@@ -157,10 +158,10 @@ def train(cfg: TrainConfig) -> int:
 
 def _save(checkpointer: Checkpointer, state: TrainState, loader) -> None:
     checkpointer.save(state.step, {"train_state": dataclasses.asdict(state)},
-                      {"loader": loader.state_dict(), "rng": get_rng_state()})
+                      {"loader": loader.state_dict(), "rng": capture_rng_state()})
 
 
-def _log_step(tracker, meter, engine, state, world, cfg, run_dir, rank) -> None:
+def _log_step(tracker, meter, engine, state, world, cfg, run_dir, rank, history) -> None:
     if state.step % cfg.log_every_steps and state.step != 1:
         return
     metrics = mean_over_ranks(meter.report())
@@ -176,9 +177,11 @@ def _log_step(tracker, meter, engine, state, world, cfg, run_dir, rank) -> None:
     with (run_dir / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": state.step, **metrics}) + "\n")
     cosines = {int(k.split("/")[1]): v for k, v in metrics.items() if k.startswith("cos_layer/")}
-    if cosines and (state.step % cfg.tracking.plot_every_steps == 0 or state.step == 1):
-        path = run_dir / "plots" / f"alignment_step{state.step:07d}.png"
-        alignment_plot(cosines, path, title=f"{cfg.stage} step {state.step}")
+    if cosines:
+        history.append((state.step, cosines))
+    if cosines and (cfg.tracking.plot_due(state.step) or state.step == 1):
+        figure = layer_cosine_figure(cosines, step=state.step, history=history)
+        path = save_png(figure, run_dir / "plots" / f"alignment_step{state.step:07d}.png")
         tracker.log_artifact(path, "plots")
 
 

@@ -1,0 +1,175 @@
+"""The TGA objective (Xu et al., ICLR 2025), differentiable and NaN-proof.
+
+    L = CE + w_a f_a(s) mean_{l,b} exp(-cos(i_b^l, t_b^l))
+           + w_p f_p(s) mean_{l,b} exp(cos(r_b^l, t_b^l) - cos(i_b^l, t_b^l))
+
+i, r: mean hidden state of layer l over the image / retrieved-text span of the multimodal forward;
+t: the same over the caption tokens of the no-grad text-only forward; s = optimizer_step / total;
+f_a = 1 - s, f_p = (1 - s)^2 for `linear_decay`, 1 for `constant`.
+
+Where the reference code went wrong, and what stands here instead:
+- it applied Python `math.exp`, so the terms were floats with no gradient: here `torch.exp`, and
+  `detach_alignment` reproduces the released behaviour on purpose (value logged, no gradient);
+- its pooled spans could be empty and made NaN: here empty spans are masked out, all-invalid batches
+  give an exact 0 that is still part of the graph, and no NaN can reach the backward pass.
+Everything is masked arithmetic (no boolean indexing): the only host sync is the span range check.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+_COS_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class TGAConfig:
+    # hidden_states indices (0 = embeddings); the reference's safety band of a 32-layer LLM
+    layers: list[int] = field(default_factory=lambda: list(range(10, 19)))
+    align_weight: float = 0.25
+    pair_weight: float = 0.10
+    align_on: bool = True
+    pair_on: bool = True
+    detach_alignment: bool = False  # True = the released code: terms in the loss value, no gradient
+    schedule: Literal["linear_decay", "constant"] = "linear_decay"
+
+    def __post_init__(self):
+        if not self.layers:
+            raise ValueError("layers: give at least one hidden_states index")
+        if any(layer < 0 for layer in self.layers) or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers must be distinct hidden_states indices >= 0, got {self.layers}")
+        if self.align_weight < 0 or self.pair_weight < 0:
+            raise ValueError(f"weights must be >= 0, got align_weight={self.align_weight}, "
+                             f"pair_weight={self.pair_weight}")
+
+    def term_weights(self, step_fraction: float) -> tuple[float, float]:
+        """(alignment, pair) weights at training progress s, zero for a term that is off."""
+        if not 0.0 <= step_fraction <= 1.0:
+            raise ValueError(f"step_fraction must be in [0, 1], got {step_fraction}")
+        decay = 1.0 - step_fraction if self.schedule == "linear_decay" else 1.0
+        align = self.align_weight * decay if self.align_on else 0.0
+        pair = self.pair_weight * decay ** 2 if self.pair_on else 0.0
+        return align, pair
+
+
+def masked_mean(hidden: torch.Tensor, spans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over positions: hidden [B,T,D], spans [B,2] half-open (start, end) or a bool mask [B,T].
+
+    Returns ([B,D] fp32, valid [B]); rows with no position are zeros and invalid. Positions outside
+    the mask are replaced, not multiplied by zero, so NaN or inf there cannot leak in.
+    """
+    batch, length, _ = hidden.shape
+    mask = _as_mask(spans, batch, length, hidden.device)
+    count = mask.sum(dim=1)
+    summed = hidden.masked_fill(~mask[..., None], 0).sum(dim=1, dtype=torch.float32)
+    return summed / count.clamp(min=1)[:, None], count > 0
+
+
+def pool_caption_targets(hidden_states: Sequence[torch.Tensor], caption_spans: torch.Tensor,
+                         layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """t_b^l from the text-only forward's `hidden_states` tuple: ([L,B,D] fp32, valid [B])."""
+    _check_layers(layers, len(hidden_states))
+    batch, length, _ = hidden_states[0].shape
+    mask = _as_mask(caption_spans, batch, length, hidden_states[0].device)
+    with torch.no_grad():
+        pooled = torch.stack([masked_mean(hidden_states[layer], mask)[0] for layer in layers])
+    return pooled, mask.any(dim=1)
+
+
+def tga_loss(lm_loss: torch.Tensor, image_hidden, image_spans: torch.Tensor,
+             retrieved_spans: torch.Tensor, caption_targets: torch.Tensor, caption_valid: torch.Tensor,
+             step_fraction: float, cfg: TGAConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    """Total loss and its detached parts for logging.
+
+    image_hidden: the multimodal forward's hidden states as {layer: [B,T,D]}, as its full
+    `hidden_states` tuple (indexed by layer), or stacked [L,B,T,D] in `cfg.layers` order.
+    Spans [B,2] are half-open token ranges, (0, 0) for none; caption_targets [L,B,D] and
+    caption_valid [B] come from `pool_caption_targets`.
+    A sample counts for the alignment term when it has an image span and a caption target, and
+    for the pair term when it also has a retrieved span. Means run over valid (layer, sample) pairs;
+    with none valid a term is exactly 0. Parts: lm, align, pair (unweighted means), align_weight,
+    pair_weight (effective), n_valid, n_pair_valid and cos_layer/<l> (mean cos(i, t) over valid
+    samples, 0 when none: combine across ranks weighted by n_valid).
+    """
+    per_layer = _per_layer(image_hidden, cfg.layers)
+    if caption_targets.shape[0] != len(cfg.layers):
+        raise ValueError(f"caption_targets has {caption_targets.shape[0]} layers, cfg.layers has "
+                         f"{len(cfg.layers)}")
+    align_w, pair_w = cfg.term_weights(step_fraction)
+
+    length, device = per_layer[0].shape[1], per_layer[0].device
+    image_mask = _as_mask(image_spans, len(caption_valid), length, device)  # [B,T], once for all layers
+    retrieved_mask = _as_mask(retrieved_spans, len(caption_valid), length, device)
+    valid = image_mask.any(dim=1) & caption_valid.to(device=device, dtype=torch.bool)
+    pair_valid = valid & retrieved_mask.any(dim=1)
+    n_valid, n_pair_valid = valid.sum(), pair_valid.sum()
+
+    exp_align, exp_pair, parts = [], [], {}
+    for index, (layer, hidden) in enumerate(zip(cfg.layers, per_layer)):
+        # rows of samples that do not count are zeroed before any arithmetic: a masked-out NaN
+        # would still turn into NaN gradients through the cosine (0 * NaN)
+        image = torch.where(valid[:, None], masked_mean(hidden, image_mask)[0], 0.0)
+        retrieved = torch.where(pair_valid[:, None], masked_mean(hidden, retrieved_mask)[0], 0.0)
+        target = torch.where(valid[:, None], caption_targets[index].detach().float(), 0.0)  # no-grad
+        cos_image = F.cosine_similarity(image, target, dim=-1, eps=_COS_EPS)  # [B]
+        cos_retrieved = F.cosine_similarity(retrieved, target, dim=-1, eps=_COS_EPS)
+        exp_align.append(torch.where(valid, torch.exp(-cos_image), 0.0))
+        exp_pair.append(torch.where(pair_valid, torch.exp(cos_retrieved - cos_image), 0.0))
+        parts[f"cos_layer/{layer}"] = (torch.where(valid, cos_image, 0.0).sum()
+                                       / n_valid.clamp(min=1)).detach()
+
+    # sums over masked terms: exactly 0, and still in the graph, when nothing is valid
+    align = torch.stack(exp_align).sum() / (n_valid * len(cfg.layers)).clamp(min=1)
+    pair = torch.stack(exp_pair).sum() / (n_pair_valid * len(cfg.layers)).clamp(min=1)
+    if cfg.detach_alignment:
+        align, pair = align.detach(), pair.detach()
+
+    total = lm_loss.float()
+    if align_w:
+        total = total + align_w * align
+    if pair_w:
+        total = total + pair_w * pair
+    parts.update(lm=lm_loss.detach().float(), align=align.detach(), pair=pair.detach(),
+                 align_weight=align_w, pair_weight=pair_w, n_valid=n_valid, n_pair_valid=n_pair_valid)
+    return total, parts
+
+
+def _as_mask(spans: torch.Tensor, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    spans = spans.to(device)
+    if spans.dtype == torch.bool:
+        if spans.shape != (batch, length):
+            raise ValueError(f"mask must be [B,T] = {[batch, length]}, got {list(spans.shape)}")
+        return spans
+    if spans.shape != (batch, 2):
+        raise ValueError(f"spans must be [B,2] = {[batch, 2]} (start, end), got {list(spans.shape)}")
+    start, end = spans[:, 0:1], spans[:, 1:2]
+    positions = torch.arange(length, device=device)[None, :]
+    # a span past the sequence end would silently pool fewer tokens: that is a batching bug
+    if bool(((spans < 0) | (spans > length)).any()):
+        raise ValueError(f"spans out of range [0, {length}]: {spans.tolist()}")
+    return (positions >= start) & (positions < end)
+
+
+def _per_layer(image_hidden, layers: list[int]) -> list[torch.Tensor]:
+    if isinstance(image_hidden, Mapping):
+        missing = [layer for layer in layers if layer not in image_hidden]
+        if missing:
+            raise ValueError(f"image_hidden lacks layers {missing}; has {sorted(image_hidden)}")
+        return [image_hidden[layer] for layer in layers]
+    if isinstance(image_hidden, torch.Tensor):
+        if image_hidden.dim() != 4 or image_hidden.shape[0] != len(layers):
+            raise ValueError(f"stacked image_hidden must be [L={len(layers)},B,T,D], "
+                             f"got {list(image_hidden.shape)}")
+        return list(image_hidden.unbind(0))
+    _check_layers(layers, len(image_hidden))
+    return [image_hidden[layer] for layer in layers]
+
+
+def _check_layers(layers: list[int], available: int) -> None:
+    if max(layers) >= available:
+        raise ValueError(f"alignment layers {layers} exceed the model's {available} hidden states "
+                         f"(indices 0..{available - 1}; 0 is the embedding output)")
