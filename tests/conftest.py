@@ -1,0 +1,61 @@
+"""Shared fixtures: the tiny world (generated once per source revision) and small training shards."""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from pipeline.data.shards import ShardWriter, shard_name, write_manifest
+from pipeline.tinyworld import ensure
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _tinyworld_cache() -> Path:
+    """Keyed by the generator's source, so a changed generator never serves a stale world."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "pipeline" / "tinyworld").glob("*.py")):
+        digest.update(path.read_bytes())
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tga-pipeline" / "tinyworld"
+    return root / digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def tiny_world():
+    folder = _tinyworld_cache()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{folder.name}.lock", "w") as lock:  # parallel pytest runs
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return ensure(folder, seed=0)
+
+
+def write_training_shards(world, out: Path, *, samples: int, per_shard: int, seed: int = 0) -> Path:
+    """Stage-1 shards per the shard contract, written with the shared writer; the retrieved text is
+    another sample's caption (what the retrieval join would give for a related image)."""
+    records = json.loads(world.stage1_json.read_text())[:samples]
+    captions = [r["conversations"][1]["value"] for r in records]
+    rng = random.Random(seed)
+    rows = []
+    for shard_index, start in enumerate(range(0, len(records), per_shard)):
+        with ShardWriter(out / shard_name(shard_index)) as writer:
+            for i, record in enumerate(records[start:start + per_shard], start):
+                key = f"s1_{i:06d}"
+                other = captions[(i + 1 + rng.randrange(len(captions) - 1)) % len(captions)]
+                meta = {"key": key, "source": "tiny-stage1", "conversations": record["conversations"],
+                        "image_caption": captions[i], "toxic": False,
+                        "retrieved": [{"text": other, "score": 0.5, "caption_id": f"c{i}"}]}
+                offset = writer.write(key, (world.images / record["image"]).read_bytes(), meta)
+                rows.append({"key": key, "shard": shard_name(shard_index), "offset": offset,
+                             "n_tokens": 64, "has_image": True, "source": "tiny-stage1"})
+    write_manifest(out / "manifest.parquet", rows)
+    return out
+
+
+@pytest.fixture(scope="session")
+def stage1_shards(tiny_world, tmp_path_factory):
+    return write_training_shards(tiny_world, tmp_path_factory.mktemp("shards"), samples=96, per_shard=12)
