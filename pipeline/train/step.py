@@ -54,7 +54,8 @@ class CaptionTargets:
 
 def tga_forward(engine, batch: dict, targets_fn: CaptionTargets, step_fraction: float,
                 cfg: TGAConfig, use_tga: bool = True) -> tuple[torch.Tensor, dict]:
-    model = engine.module
+    """`engine`: a DeepSpeed engine or the bare Llava model (tests, analysis)."""
+    model = getattr(engine, "module", engine)
     pixel_values = batch.get("pixel_values")
     out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  pixel_values=pixel_values, labels=batch["labels"], output_hidden_states=True)

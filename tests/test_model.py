@@ -1,0 +1,116 @@
+"""The assembled Llava is transformers' own class; TGA's gradient reaches the projector only."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import LlavaForConditionalGeneration
+
+from pipeline.data.encode import SampleEncoder, collate
+from pipeline.data.shards import iter_shard
+from pipeline.model.assemble import (ModelConfig, apply_freeze, build_llava, load_projector,
+                                     projector_state_dict, save_projector)
+from pipeline.tga.loss import TGAConfig
+from pipeline.train.step import CaptionTargets, tga_forward
+
+LAYERS = [2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def assembled(tiny_world):
+    torch.manual_seed(0)
+    return build_llava(ModelConfig(llm=tiny_world.llm, vision_tower=tiny_world.clip))
+
+
+@pytest.fixture(scope="module")
+def batch(assembled, stage1_shards):
+    encoder = SampleEncoder(assembled.tokenizer, assembled.image_processor,
+                            num_image_tokens=assembled.num_image_tokens, template="tokenizer",
+                            insert_retrieved=True, max_tokens=256)
+    samples = [encoder(s) for s in list(iter_shard(stage1_shards / "train-000000.tar"))[:3]]
+    return collate(samples, assembled.tokenizer.pad_token_id)
+
+
+def projector_grads(model, batch, cfg, use_tga=True):
+    model.zero_grad(set_to_none=True)
+    loss, parts = tga_forward(model, batch, CaptionTargets(cfg.layers, 0), 0.0, cfg, use_tga)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss, parts, grads
+
+
+def test_assembly_is_native_llava_with_clip_patch_features_and_sdpa(assembled):
+    model = assembled.model
+    assert type(model) is LlavaForConditionalGeneration
+    assert model.config.vision_feature_layer == -2
+    assert model.config.vision_feature_select_strategy == "default"
+    vision = model.config.vision_config
+    assert assembled.num_image_tokens == (vision.image_size // vision.patch_size) ** 2
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    assert assembled.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+
+
+def test_alignment_gradient_reaches_only_the_projector(assembled, batch):
+    model = assembled.model
+    trainable = apply_freeze(model, ["projector"])
+    assert trainable and all(n.startswith("model.multi_modal_projector.") for n in trainable)
+    cfg = TGAConfig(layers=LAYERS)
+    loss, parts, grads = projector_grads(model, batch, cfg)
+    assert torch.isfinite(loss) and float(parts["n_valid"]) == 3
+    assert set(grads) == set(trainable)
+    _, _, lm_only = projector_grads(model, batch, cfg, use_tga=False)
+    # The alignment terms change the projector's gradient (reference defect 1: math.exp gave none).
+    assert any(not torch.allclose(grads[n], lm_only[n], atol=1e-7) for n in grads)
+
+
+def test_detach_alignment_reproduces_the_lm_only_gradient(assembled, batch):
+    model = assembled.model
+    apply_freeze(model, ["projector"])
+    cfg = TGAConfig(layers=LAYERS, detach_alignment=True)
+    loss, parts, grads = projector_grads(model, batch, cfg)
+    lm_loss, _, lm_only = projector_grads(model, batch, cfg, use_tga=False)
+    assert loss.item() > lm_loss.item()        # the terms are in the loss value...
+    for name in grads:                           # ...but add nothing to the gradient
+        torch.testing.assert_close(grads[name], lm_only[name], rtol=0, atol=1e-7)
+
+
+def test_stage1_caption_targets_are_computed_once_per_sample(assembled, batch):
+    targets = CaptionTargets(LAYERS, cache_size=100)
+    first, valid = targets(assembled.model, batch)
+    again, valid_again = targets(assembled.model, batch)
+    assert targets.forwards == 1
+    torch.testing.assert_close(first, again)
+    assert first.shape[:2] == (len(LAYERS), 3) and valid.all() and valid_again.all()
+
+
+def test_projector_round_trips_and_llava_naming_loads(assembled, tmp_path):
+    model = assembled.model
+    state = projector_state_dict({f"model.multi_modal_projector.{k}": v.clone()
+                                  for k, v in model.model.multi_modal_projector.state_dict().items()})
+    save_projector(state, tmp_path / "projector.safetensors")
+    llava_names = {k.replace("multi_modal_projector.linear_1.", "model.mm_projector.0.")
+                    .replace("multi_modal_projector.linear_2.", "model.mm_projector.2."): v + 1
+                   for k, v in state.items()}
+    save_file(llava_names, str(tmp_path / "mm_projector.safetensors"))
+    load_projector(model, tmp_path / "mm_projector.safetensors")
+    torch.testing.assert_close(model.model.multi_modal_projector.linear_1.bias,
+                               state["multi_modal_projector.linear_1.bias"] + 1)
+    load_projector(model, tmp_path / "projector.safetensors")
+    torch.testing.assert_close(model.model.multi_modal_projector.linear_1.bias,
+                               state["multi_modal_projector.linear_1.bias"])
+
+
+def test_projector_of_another_model_is_refused_with_shapes(assembled, tmp_path):
+    bad = {"multi_modal_projector.linear_1.weight": torch.zeros(7, 3),
+           "multi_modal_projector.linear_1.bias": torch.zeros(7),
+           "multi_modal_projector.linear_2.weight": torch.zeros(7, 7),
+           "multi_modal_projector.linear_2.bias": torch.zeros(7)}
+    save_projector(bad, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match=r"other.safetensors: projector weight linear_1\.\w+ has shape \(7,.*model expects"):
+        load_projector(assembled.model, tmp_path / "other.safetensors")
+
+
+def test_unknown_trainable_part_is_refused(assembled):
+    with pytest.raises(ValueError, match=r"unknown trainable part\(s\) \['vision'\]"):
+        apply_freeze(assembled.model, ["vision"])
