@@ -1,0 +1,77 @@
+"""Run training stages as real processes (1 rank: python -m; N ranks: the launch script)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.mlflow_server import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def stage_overrides(world, shards: Path, run_dir: Path, **extra) -> list[str]:
+    values = {"run_dir": run_dir, "shards": shards, "model.llm": world.llm,
+              "model.vision_tower": world.clip, "loader.num_workers": 0, **extra}
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def stage_env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
+    env.update(PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               MASTER_PORT=str(free_port()), **extra)
+    return env
+
+
+def start_stage(module: str, config: str, overrides: list[str], *, ranks: int, log: Path,
+                launch_script: str | None = None) -> subprocess.Popen:
+    """ranks == 1: `python -m module`; else `bash launch/<script>` with CPU_RANKS=ranks."""
+    if ranks == 1:
+        cmd = [sys.executable, "-m", module, "--config", config, *overrides]
+        env = stage_env()
+    else:
+        cmd = ["bash", str(REPO / "launch" / launch_script), *overrides]
+        env = stage_env(CONFIG=config, CPU_RANKS=str(ranks), PYTHON=sys.executable)
+    out = open(log, "ab")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def run_stage(*args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    proc = start_stage(*args, **kwargs)
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    log = kwargs["log"]
+    if proc.returncode != 0:
+        raise AssertionError(f"stage exited {proc.returncode}; log tail:\n{tail(log)}")
+    return proc
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+
+
+def metrics_by_step(run_dir: Path) -> dict[int, dict]:
+    """Last line per step wins: a resumed run re-logs the steps after its checkpoint."""
+    rows = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row
+    return rows
+
+
+def consumed_keys(run_dir: Path, rank: int) -> dict[int, list[str]]:
+    """Sample keys per optimizer step on one rank (last write per step wins, as above)."""
+    steps: dict[int, list[str]] = {}
+    last = None
+    for line in (Path(run_dir) / "samples" / f"rank{rank}.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["step"] != last:
+            steps[row["step"]], last = [], row["step"]
+        steps[row["step"]] += row["keys"]
+    return steps
