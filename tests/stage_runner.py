@@ -57,21 +57,16 @@ def tail(path: Path, lines: int = 60) -> str:
 
 
 def metrics_by_step(run_dir: Path) -> dict[int, dict]:
-    """Last line per step wins: a resumed run re-logs the steps after its checkpoint."""
-    rows = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row
-    return rows
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    by_step = {row["step"]: row for row in rows}
+    assert len(by_step) == len(rows), "metrics.jsonl repeats a step"
+    return by_step
 
 
 def consumed_keys(run_dir: Path, rank: int) -> dict[int, list[str]]:
-    """Sample keys per optimizer step on one rank (last write per step wins, as above)."""
+    """Sample keys per optimizer step on one rank, from the run's sample ledger."""
     steps: dict[int, list[str]] = {}
-    last = None
     for line in (Path(run_dir) / "samples" / f"rank{rank}.jsonl").read_text().splitlines():
         row = json.loads(line)
-        if row["step"] != last:
-            steps[row["step"]], last = [], row["step"]
-        steps[row["step"]] += row["keys"]
+        steps.setdefault(row["step"], []).extend(row["keys"])
     return steps

@@ -98,8 +98,13 @@ def train(cfg: TrainConfig) -> int:
     targets = CaptionTargets(cfg.tga.layers, cfg.caption_target_cache)
     use_tga = cfg.tga.align_on or cfg.tga.pair_on
     preemption = PreemptionFlag(cfg.preemption_signals)
+    # Sample ledger (keys per step, per rank) and metrics.jsonl describe the checkpoint's lineage:
+    # lines written after the checkpoint we resume from belong to a timeline that was lost.
     ledger = (run_dir / "samples").joinpath(f"rank{rank}.jsonl")
     ledger.parent.mkdir(exist_ok=True)
+    _truncate_jsonl(ledger, keep_before_step=state.step)
+    if rank == 0:
+        _truncate_jsonl(run_dir / "metrics.jsonl", keep_before_step=state.step + 1)
     batches = iter(loader)
     batches_this_epoch, fresh_epoch = 0, restored is None  # a resumed epoch may already be spent
     meter = StepMeter()
@@ -108,18 +113,21 @@ def train(cfg: TrainConfig) -> int:
     engine.train()
 
     while state.step < total_steps:
+        # Agree on a stop before touching the next batch: the saved loader state must not have
+        # consumed a batch that was never trained on.
+        if meter.micro_steps == 0 and any_rank(preemption.is_set)[0]:
+            exit_reason = "preempted"
+            break
         waited = time.perf_counter()
         batch = next(batches, None)
         meter.data_wait(time.perf_counter() - waited)
-        at_boundary = meter.micro_steps == 0
-        stop, exhausted = any_rank(preemption.is_set and at_boundary, batch is None)
-        if stop:
-            exit_reason = "preempted"
-            break
-        if exhausted:  # some rank ran dry: everyone starts the next epoch together
+        if any_rank(batch is None)[0]:  # some rank ran dry: everyone starts the next epoch together
             if batches_this_epoch == 0 and fresh_epoch:
                 raise RuntimeError(f"{cfg.shards}: a rank got no batch in epoch {state.epoch} "
                                    "(all its samples rejected?); see the skip warnings above")
+            if batch is not None:
+                log.info("rank %d: epoch %d ends on another rank; its last fetched batch (%d samples) "
+                         "is left for the next epoch", rank, state.epoch, len(batch["keys"]))
             batches_this_epoch, fresh_epoch = 0, True
             state.epoch += 1
             loader.dataset.set_epoch(state.epoch)
@@ -196,6 +204,16 @@ def _export(engine, cfg: TrainConfig, run_dir: Path, rank: int, tracker) -> None
             save_projector(projector_state_dict(state), path)
             tracker.log_artifact(path, "export")
     barrier()
+
+
+def _truncate_jsonl(path: Path, keep_before_step: int) -> None:
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines()
+             if line and json.loads(line)["step"] < keep_before_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(path)
 
 
 def _to_device(batch: dict, device) -> dict:

@@ -1,0 +1,105 @@
+"""Exact resume: a 2-rank ZeRO-3 stage-1 run stopped by SIGTERM, then killed by SIGKILL after a
+checkpoint, ends with the same per-step losses and the same sample keys as an uninterrupted run."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.train.checkpoint import saved_steps
+from tests.conftest import write_training_shards
+from tests.stage_runner import (consumed_keys, metrics_by_step, run_stage, stage_overrides,
+                                start_stage, tail)
+
+pytestmark = pytest.mark.slow
+STEPS = 20
+PARTS = ("lm", "align", "pair", "cos_layer/3", "grad_norm", "lr")
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_world, tmp_path_factory):
+    return write_training_shards(tiny_world, tmp_path_factory.mktemp("resume"), samples=96, per_shard=12)
+
+
+def overrides(world, shards, run_dir):
+    return stage_overrides(world, shards, run_dir, **{
+        "loader.batch_size": 2, "max_steps": STEPS, "checkpoint.every_steps": 5,
+        "checkpoint.keep_last": 2, "tracking.plot_every_steps": 0})
+
+
+def start(world, shards, run_dir: Path, log: Path):
+    return start_stage("stages.stage1_align", "configs/tiny/stage1.yaml", overrides(world, shards, run_dir),
+                       ranks=2, launch_script="stage1.sh", log=log)
+
+
+def steps_done(run_dir: Path) -> int:
+    ledger = run_dir / "samples" / "rank0.jsonl"
+    return len(consumed_keys(run_dir, 0)) if ledger.exists() else 0
+
+
+def wait_for(predicate, proc, log, timeout=400):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}):\n{tail(log)}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out:\n{tail(log)}")
+        time.sleep(0.2)
+
+
+def rank_pid(launcher: psutil.Popen, rank: int) -> int:
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        if f"--local_rank={rank}" in " ".join(child.cmdline()):
+            return child.pid
+    raise AssertionError(f"no process for rank {rank}")
+
+
+def test_sigterm_then_sigkill_resume_replays_identical_losses_and_samples(tiny_world, shards, tmp_path):
+    reference = tmp_path / "reference"
+    run_stage("stages.stage1_align", "configs/tiny/stage1.yaml", overrides(tiny_world, shards, reference),
+              ranks=2, launch_script="stage1.sh", log=tmp_path / "reference.log")
+
+    run, log = tmp_path / "interrupted", tmp_path / "interrupted.log"
+    # 1. SIGTERM on rank 1 only: both ranks agree at the next step boundary, save the same step, exit 0.
+    proc = start(tiny_world, shards, run, log)
+    wait_for(lambda: steps_done(run) >= 7, proc, log)
+    os.kill(rank_pid(proc, 1), signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, tail(log)
+    stopped_at = saved_steps(run / "checkpoints")[-1]
+    assert 7 <= stopped_at < STEPS
+    assert sorted(p.name for p in (run / "checkpoints" / f"global_step{stopped_at}").glob("rank_*.pt")) == \
+        ["rank_0.pt", "rank_1.pt"]
+
+    # 2. Resume, then SIGKILL everything a random number of steps after the next checkpoint.
+    proc = start(tiny_world, shards, run, log)
+    next_ckpt = (stopped_at // 5 + 1) * 5
+    kill_after = next_ckpt + random.Random().randint(1, 3)
+    wait_for(lambda: next_ckpt in saved_steps(run / "checkpoints") and steps_done(run) >= kill_after, proc, log)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    # 3. Resume to the end.
+    run_stage("stages.stage1_align", "configs/tiny/stage1.yaml", overrides(tiny_world, shards, run),
+              ranks=2, launch_script="stage1.sh", log=log)
+
+    expected, got = metrics_by_step(reference), metrics_by_step(run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in expected:
+        for part in PARTS:
+            assert got[step][part] == expected[step][part], (step, part)  # bit-identical on CPU
+    for rank in (0, 1):
+        assert consumed_keys(run, rank) == consumed_keys(reference, rank), f"rank {rank} sample order"
+    keys = [k for rank in (0, 1) for step_keys in consumed_keys(run, rank).values() for k in step_keys]
+    assert len(keys) == len(set(keys)) == STEPS * 2 * 2, "a sample was lost or seen twice"
+
+    client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, "a resumed job must append to the same MLflow run"
+    steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "lm")}
+    assert steps == set(range(1, STEPS + 1))
