@@ -1,0 +1,326 @@
+"""Checkpoints that are complete or invisible: DeepSpeed ZeRO-3 shards, per-rank state, a COMPLETE marker.
+
+Layout of `<run_dir>/checkpoints/`:
+
+    global_step<N>/
+        zero_pp_rank_<r>_mp_rank_00_optim_states.pt   DeepSpeed: rank r's ZeRO-3 partition (fp32
+                                                      weights, optimizer moments)
+        zero_pp_rank_<r>_mp_rank_00_model_states.pt   DeepSpeed: shapes, scheduler and our
+                                                      client_state (step, run id, config)
+        rank_<r>.pt    what only rank r knows (data-loader position, RNG states)
+        COMPLETE       JSON {step, world_size, time, tag}, written by rank 0 after every rank wrote
+    latest             "global_step<N>" of the newest complete checkpoint (DeepSpeed's format)
+
+A save is atomic by ordering: every rank writes its files, a barrier, then rank 0 writes COMPLETE
+and replaces `latest` (tmp file + os.replace). A rank killed at any point leaves a folder without
+COMPLETE, which is never loaded, and `latest` still names the previous checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+_TAG = re.compile(r"global_step(\d+)")
+# Our client state sits under one key of DeepSpeed's model-states file, so no name of ours can
+# shadow one of DeepSpeed's own keys ("module", "lr_scheduler", "global_steps", ...).
+_CLIENT_KEY = "pipeline_client_state"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from: the message names the folder and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 500                 # optimizer steps between periodic saves
+    keep_last: int = 3                     # newest complete checkpoints kept
+    keep_every: int = 0                    # also keep those whose step is a multiple of this; 0 = off
+    resume: Literal["auto", "never"] = "auto"  # auto: continue from `latest` when there is one
+    resume_step: int | None = None         # resume from this complete step instead of `latest`
+
+    def __post_init__(self):
+        if self.every_steps < 1:
+            raise ValueError(f"checkpoint.every_steps must be >= 1, got {self.every_steps}")
+        if self.keep_last < 1:
+            raise ValueError("checkpoint.keep_last must be >= 1 (the checkpoint to resume from), "
+                             f"got {self.keep_last}")
+        if self.keep_every < 0:
+            raise ValueError(f"checkpoint.keep_every must be >= 0 (0 = off), got {self.keep_every}")
+        if self.resume_step is not None and self.resume_step < 1:
+            raise ValueError(f"checkpoint.resume_step must be a saved step >= 1, got {self.resume_step}")
+        if self.resume_step is not None and self.resume == "never":
+            raise ValueError("checkpoint.resume_step is set but checkpoint.resume is 'never'")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedCheckpoint:
+    step: int
+    client_state: dict[str, Any]
+    # None only after a universal-checkpoint resume on a different world size (see load()).
+    extra_per_rank: dict[str, Any] | None
+
+
+def step_tag(step: int) -> str:
+    return f"global_step{step}"
+
+
+def step_of(name: str) -> int | None:
+    """The step of a folder name `global_step<N>`, else None."""
+    match = _TAG.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def saved_steps(ckpt_dir: str | Path, complete: bool = True) -> list[int]:
+    """Sorted steps of the `global_step<N>` folders that have (or, complete=False, lack) COMPLETE."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    steps = []
+    for child in ckpt_dir.iterdir():
+        step = step_of(child.name)
+        if step is not None and child.is_dir() and (child / COMPLETE).is_file() == complete:
+            steps.append(step)
+    return sorted(steps)
+
+
+def latest_complete_step(ckpt_dir: str | Path) -> int | None:
+    """The step `latest` names if that checkpoint is complete, else the newest complete one."""
+    ckpt_dir = Path(ckpt_dir)
+    pointer = ckpt_dir / LATEST
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        step = step_of(name)
+        if step is not None and (ckpt_dir / name / COMPLETE).is_file():
+            return step
+        log.warning("%s names '%s', which is not a complete checkpoint; using the newest complete one",
+                    pointer, name)
+    steps = saved_steps(ckpt_dir)
+    return steps[-1] if steps else None
+
+
+def read_marker(step_dir: str | Path) -> dict[str, Any]:
+    path = Path(step_dir) / COMPLETE
+    try:
+        marker = json.loads(path.read_text())
+        int(marker["world_size"]), int(marker["step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: not a readable COMPLETE marker ({err}); delete {path.parent} "
+                              "to resume from the previous checkpoint") from None
+    return marker
+
+
+def retained_steps(complete: list[int], newest: int, keep_last: int, keep_every: int) -> set[int]:
+    """Steps to keep after `newest` was saved: the last `keep_last` and every multiple of `keep_every`.
+
+    Steps above `newest` are left from before a forced `resume_step`: retention leaves them alone
+    and the run overwrites each one when it reaches that step.
+    """
+    older = sorted(step for step in complete if step <= newest)
+    keep = set(older[-keep_last:])
+    if keep_every:
+        keep |= {step for step in older if step % keep_every == 0}
+    return keep | {step for step in complete if step > newest}
+
+
+def export_full_state_dict(ckpt_dir: str | Path, step: int) -> dict[str, torch.Tensor]:
+    """Full fp32 weights (parameter name → tensor) consolidated from a complete ZeRO checkpoint."""
+    step_dir = Path(ckpt_dir) / step_tag(step)
+    if not (step_dir / COMPLETE).is_file():
+        raise CheckpointError(f"{step_dir}: not a complete checkpoint (no {COMPLETE} marker); "
+                              f"complete steps in {ckpt_dir}: {saved_steps(ckpt_dir) or 'none'}")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # slow import
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=step_tag(step))
+
+
+class Checkpointer:
+    """Saves and restores a DeepSpeed engine plus per-rank extra state under `ckpt_dir`.
+
+    `save` and `load` are collectives: every rank calls them at the same step. The engine seam is
+    `save_checkpoint`, `load_checkpoint` and `load_universal_checkpoint` of a DeepSpeedEngine.
+    """
+
+    def __init__(self, ckpt_dir: str | Path, cfg: CheckpointConfig, engine):
+        self.ckpt_dir = Path(ckpt_dir)
+        self.cfg = cfg
+        self.engine = engine
+        self._last_saved: int | None = None  # kept in memory: every rank must decide alike
+
+    def is_due(self, step: int) -> bool:
+        """Whether `step` gets a periodic save."""
+        return step > 0 and step % self.cfg.every_steps == 0
+
+    def save(self, step: int, client_state: dict[str, Any], extra_per_rank: dict[str, Any]) -> Path:
+        """Write checkpoint `step`; `client_state` is global (same on all ranks), `extra_per_rank` not."""
+        tag = step_tag(step)
+        step_dir = self.ckpt_dir / tag
+        if step == self._last_saved:
+            log.info("checkpoint %s already holds this state; not saving it again", step_dir)
+            return step_dir
+        rank, world = _rank_and_world()
+        started = time.monotonic()
+        if rank == 0 and step_dir.exists():
+            # Left by a save that was cut short, or by the run before a forced resume_step.
+            log.warning("removing %s before saving step %d into it", step_dir, step)
+            _remove(step_dir)
+        _barrier()
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={_CLIENT_KEY: client_state},
+                                    save_latest=False)
+        _atomic_torch_save(extra_per_rank, step_dir / f"rank_{rank}.pt")
+        _barrier()  # from here on every rank's part is on disk
+        if rank == 0:
+            marker = {"step": step, "world_size": world, "tag": tag,
+                      "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            _atomic_write_text(step_dir / COMPLETE, json.dumps(marker) + "\n")
+            _atomic_write_text(self.ckpt_dir / LATEST, tag)
+            self._apply_retention(step)
+        self._last_saved = step
+        log.info("saved checkpoint %s in %.1f s", step_dir, time.monotonic() - started)
+        return step_dir
+
+    def load(self) -> LoadedCheckpoint | None:
+        """Restore the engine from the checkpoint to resume; None when the run starts fresh."""
+        step = self._step_to_resume()
+        if step is None:
+            return None
+        rank, world = _rank_and_world()
+        started = time.monotonic()
+        step_dir = self.ckpt_dir / step_tag(step)
+        saved_world = int(read_marker(step_dir)["world_size"])
+        tag = self._engine_tag(step, saved_world, world)
+        load_path, client_states = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {self.ckpt_dir / tag} (see its log above)")
+        extra = None
+        if saved_world == world:
+            # Our own file from this run's ranks; it holds NumPy's RNG state, which weights_only refuses.
+            extra = torch.load(step_dir / f"rank_{rank}.pt", map_location="cpu", weights_only=False)
+        else:
+            log.warning("per-rank state of %s (data position, RNG) belongs to %d ranks and is not restored "
+                        "on %d: the data order from here on differs from an uninterrupted run",
+                        step_dir, saved_world, world)
+        if self.cfg.resume_step is not None and rank == 0:
+            self._point_latest_at(step)
+        self._last_saved = step
+        log.info("resumed from %s in %.1f s", self.ckpt_dir / tag, time.monotonic() - started)
+        return LoadedCheckpoint(step=step, client_state=(client_states or {}).get(_CLIENT_KEY, {}),
+                                extra_per_rank=extra)
+
+    def _step_to_resume(self) -> int | None:
+        complete = saved_steps(self.ckpt_dir)
+        if self.cfg.resume == "never":
+            if complete:
+                raise CheckpointError(
+                    f"checkpoint.resume is 'never' but {self.ckpt_dir} holds checkpoints of an earlier "
+                    f"run (steps {complete}); a fresh start would mix with them. Use a new run folder, "
+                    "delete that folder, or set checkpoint.resume=auto")
+            return None
+        if _rank_and_world()[0] == 0:
+            for step in saved_steps(self.ckpt_dir, complete=False):
+                log.warning("skipping %s: no %s marker (its save did not finish on every rank)",
+                            self.ckpt_dir / step_tag(step), COMPLETE)
+        if self.cfg.resume_step is None:
+            step = latest_complete_step(self.ckpt_dir)
+            if step is None:
+                log.info("no complete checkpoint in %s: starting at step 0", self.ckpt_dir)
+            return step
+        step = self.cfg.resume_step
+        if step not in complete:
+            raise CheckpointError(f"checkpoint.resume_step={step}: {self.ckpt_dir / step_tag(step)} is not a "
+                                  f"complete checkpoint; complete steps: {complete or 'none'}")
+        return step
+
+    def _engine_tag(self, step: int, saved_world: int, world: int) -> str:
+        """The folder DeepSpeed loads: the checkpoint itself, or its universal conversion."""
+        if not self.engine.load_universal_checkpoint():
+            if saved_world != world:
+                raise CheckpointError(_world_size_message(self.ckpt_dir, step, saved_world, world))
+            return step_tag(step)
+        tag = step_tag(step) + "_universal"
+        if not (self.ckpt_dir / tag).is_dir():
+            raise CheckpointError(
+                f"the DeepSpeed config sets checkpoint.load_universal but {self.ckpt_dir / tag} does not "
+                "exist; " + _conversion_hint(self.ckpt_dir, step) + " Checkpoints this run saves are "
+                "regular ones: remove load_universal once it has saved one.")
+        return tag
+
+    def _point_latest_at(self, step: int) -> None:
+        # A forced resume starts a new timeline: `latest` must name it, so that a crash before the
+        # next save resumes here and not from a newer checkpoint of the abandoned one.
+        newer = [s for s in saved_steps(self.ckpt_dir) if s > step]
+        if newer:
+            log.warning("resuming from step %d of %s although newer checkpoints exist (steps %s); "
+                        "they are overwritten as the run reaches their steps", step, self.ckpt_dir, newer)
+        _atomic_write_text(self.ckpt_dir / LATEST, step_tag(step))
+
+    def _apply_retention(self, newest: int) -> None:
+        keep = retained_steps(saved_steps(self.ckpt_dir), newest, self.cfg.keep_last, self.cfg.keep_every)
+        for step in saved_steps(self.ckpt_dir):
+            if step not in keep:
+                log.info("retention: removing %s", self.ckpt_dir / step_tag(step))
+                _remove(self.ckpt_dir / step_tag(step))
+        # Older folders without COMPLETE are cut-short saves: never loadable, only disk usage.
+        for step in saved_steps(self.ckpt_dir, complete=False):
+            if step < newest:
+                log.info("removing incomplete %s", self.ckpt_dir / step_tag(step))
+                _remove(self.ckpt_dir / step_tag(step))
+
+
+def _world_size_message(ckpt_dir: Path, step: int, saved_world: int, world: int) -> str:
+    return (f"{ckpt_dir / step_tag(step)} was written by {saved_world} ranks, this run has {world}. "
+            "ZeRO-3 shards are split per rank and cannot be loaded by a different number of ranks. "
+            f"Either resume with {saved_world} ranks, or " + _conversion_hint(ckpt_dir, step)
+            + " The per-rank data position and RNG states cannot follow a new world size: the data "
+            "order after such a resume differs from an uninterrupted run.")
+
+
+def _conversion_hint(ckpt_dir: Path, step: int) -> str:
+    source = ckpt_dir / step_tag(step)
+    return ("convert it to a DeepSpeed universal checkpoint:\n"
+            f"    python -m deepspeed.checkpoint.ds_to_universal --input_folder {source} "
+            f"--output_folder {source}_universal\n"
+            'then resume with "checkpoint": {"load_universal": true} in the DeepSpeed config.')
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _remove(step_dir: Path) -> None:
+    # The marker goes first: a removal cut short leaves an incomplete folder, never a false complete one.
+    (step_dir / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(step_dir)
