@@ -27,7 +27,7 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.distributed import any_rank, barrier, mean_over_ranks
 from pipeline.train.metrics import StepMeter
 from pipeline.train.plots import layer_cosine_figure, save_png
-from pipeline.train.preemption import PreemptionFlag, requeue_if_slurm
+from pipeline.train.preemption import PreemptionFlag, requeue_if_slurm, signal_names
 from pipeline.train.rng import capture_rng_state, restore_rng_state
 from pipeline.train.step import CaptionTargets, tga_forward
 from pipeline.train.tracking import Tracker, git_commit
@@ -43,9 +43,11 @@ class TrainState:
     run_id: str | None = None
 
 
-def train(cfg: TrainConfig) -> int:
-    """Runs (or resumes) the job; returns the process exit code (0 also after a preemption save)."""
+def train(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> int:
+    """Runs (or resumes) the job; returns the process exit code (0 also after a preemption save).
+    `preemption`: a flag the entry point installed before its imports (default signals)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    preemption = _preemption_flag(preemption, cfg.preemption_signals)
     dev = ds_engine.device_type(cfg.device)
     rank, _, world = ds_engine.init_distributed(dev)
     _seed_everything(cfg.seed + rank)
@@ -97,7 +99,6 @@ def train(cfg: TrainConfig) -> int:
 
     targets = CaptionTargets(cfg.tga.layers, cfg.caption_target_cache)
     use_tga = cfg.tga.align_on or cfg.tga.pair_on
-    preemption = PreemptionFlag(cfg.preemption_signals)
     # Sample ledger (keys per step, per rank) and metrics.jsonl describe the checkpoint's lineage:
     # lines written after the checkpoint we resume from belong to a timeline that was lost.
     ledger = (run_dir / "samples").joinpath(f"rank{rank}.jsonl")
@@ -115,7 +116,7 @@ def train(cfg: TrainConfig) -> int:
     while state.step < total_steps:
         # Agree on a stop before touching the next batch: the saved loader state must not have
         # consumed a batch that was never trained on.
-        if meter.micro_steps == 0 and any_rank(preemption.is_set)[0]:
+        if meter.micro_steps == 0 and preemption.should_stop():
             exit_reason = "preempted"
             break
         waited = time.perf_counter()
@@ -226,5 +227,17 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def main(cfg: TrainConfig) -> None:
-    sys.exit(train(cfg))
+def _preemption_flag(early: PreemptionFlag | None, signals: list[str]) -> PreemptionFlag:
+    """The flag for the configured signals, keeping a signal the early (default) flag caught."""
+    if early is not None and set(early.signals) == set(signal_names(signals)):
+        return early
+    if early is not None:
+        early.restore()
+    flag = PreemptionFlag(signals)
+    if early is not None and early.is_set:
+        flag.received = early.received
+    return flag
+
+
+def main(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> None:
+    sys.exit(train(cfg, preemption))

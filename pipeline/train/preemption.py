@@ -19,9 +19,6 @@ import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 
-import torch
-import torch.distributed as dist
-
 log = logging.getLogger(__name__)
 
 
@@ -36,6 +33,7 @@ class PreemptionFlag:
         self.received: str | None = None  # name of the first signal caught, for the log
         self._count = 0
         self._previous: dict[signal.Signals, object] = {}
+        self.signals = signal_names(signals)
         for name in signals:
             signum = _signal_by_name(name)
             self._previous[signum] = signal.signal(signum, self._handle)
@@ -62,8 +60,13 @@ class PreemptionFlag:
         A collective: every rank of the group must call it at the same step. Without an initialized
         process group it is the local flag.
         """
+        import torch.distributed as dist  # here, not at import: the stage entry imports this module
+        # before torch, so a signal during start-up is already caught
+
         if not (dist.is_available() and dist.is_initialized()):
             return self.is_set
+        import torch
+
         local = torch.tensor([1 if self.is_set else 0], dtype=torch.int32, device=_collective_device(group))
         dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
         stop = bool(local.item())
@@ -93,6 +96,8 @@ def requeue_if_slurm(environ: Mapping[str, str] = os.environ, scontrol: str = "s
     resumes from `latest`. `environ` is where the job id is read (launch scripts export Slurm's
     variables); `scontrol` is the command to run.
     """
+    import torch.distributed as dist
+
     job_id = environ.get("SLURM_JOB_ID")
     if not job_id:
         return False
@@ -112,6 +117,11 @@ def requeue_if_slurm(environ: Mapping[str, str] = os.environ, scontrol: str = "s
     return True
 
 
+def signal_names(names: Sequence[str]) -> tuple[str, ...]:
+    """Canonical names ("usr1" → "SIGUSR1"); refuses signals that cannot be caught."""
+    return tuple(_signal_by_name(name).name for name in names)
+
+
 def _signal_by_name(name: str) -> signal.Signals:
     key = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()
     if key not in signal.Signals.__members__ or key in ("SIGKILL", "SIGSTOP"):
@@ -119,7 +129,10 @@ def _signal_by_name(name: str) -> signal.Signals:
     return signal.Signals[key]
 
 
-def _collective_device(group) -> torch.device:
+def _collective_device(group):
+    import torch
+    import torch.distributed as dist
+
     # NCCL only reduces CUDA tensors; gloo (and a mixed "cpu:gloo,cuda:nccl" group) takes CPU ones.
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
