@@ -1,0 +1,1 @@
+"""Training data on disk: LLaVA records in (`llava`), WebDataset shards out (`shards`), batches (`loader`)."""
