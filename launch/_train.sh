@@ -14,6 +14,8 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else  # CPU: DeepSpeed's CPU accelerator with gloo, CPU_RANKS processes per node
   export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
   GPUS_PER_NODE=${GPUS_PER_NODE:-${CPU_RANKS:-2}}
+  CORES=$(nproc)
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES > GPUS_PER_NODE ? CORES / GPUS_PER_NODE : 1 ))}
 fi
 STAGE_ARGS=(--config "$CONFIG" "$@")
 

@@ -21,10 +21,13 @@
 STAGE_MODULE=stages.stage1_align DEFAULT_CONFIG=configs/stage1.yaml
 source "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}/launch/_train.sh"
 exit 0
+: <<'pass'
 """
 # Python: the DeepSpeed launcher runs this file as `python -u launch/stage1.sh --local_rank=N ...`.
+# (For bash, everything below is an unused here-document that ends at the last line.)
 import os, runpy, sys  # noqa: E401
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if "--config" not in sys.argv:
     sys.argv[1:1] = ["--config", os.environ.get("CONFIG", "configs/stage1.yaml")]
 runpy.run_module("stages.stage1_align", run_name="__main__", alter_sys=True)
+pass

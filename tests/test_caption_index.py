@@ -24,16 +24,10 @@ from pipeline.retrieval.config import CaptionIndexConfig
 from pipeline.retrieval.corpus import (Caption, CorpusError, clean_corpus, normalize_text, read_caption_map,
                                        read_captions, write_clip_input_tars)
 from pipeline.retrieval.index import load_caption_table, open_index, read_index_info
-from pipeline.tinyworld import ensure
 from stages import caption_index
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture(scope="session")
-def tiny_world(request):
-    """Generated once into pytest's cache and reused while its files are unchanged (`ensure`)."""
-    return ensure(request.config.cache.mkdir("tinyworld"))
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,6 @@ from pipeline.retrieval import pack, parts
 from pipeline.retrieval.index import CaptionTable
 from pipeline.retrieval.join import _SampleWriter, slice_shards
 from pipeline.retrieval.search import jaccard, words
-from pipeline.tinyworld import ensure
 from stages import caption_index, retrieval_join
 from tests.test_retrieval_search import make_index_folder, unit
 
@@ -234,11 +233,6 @@ def test_caption_map_mode_without_a_map_is_a_config_error(small_world):
 
 
 # ---- the real thing ---------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def tiny_world(request):
-    return ensure(request.config.cache.mkdir("tinyworld"))
-
 
 @pytest.fixture(scope="session")
 def tiny_index(tiny_world, tmp_path_factory):
