@@ -1,6 +1,8 @@
 """Stage 1 end to end: DeepSpeed ZeRO-3 on 2 CPU ranks equals 1 rank; one MLflow run on a real server."""
 from __future__ import annotations
 
+import re
+
 import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
@@ -48,6 +50,10 @@ def test_two_rank_zero3_matches_one_rank_and_logs_one_mlflow_run(tiny_world, par
         assert {"config.yaml", "deepspeed.json", "plots", "export"} <= names
         plots = [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
         assert plots and all(p.endswith(".png") for p in plots)
+
+    loads = re.findall(r"rank \d: model ([\d.]+)M parameters .* ([\d.]+)M materialised", (tmp_path / "two.log").read_text())
+    assert len(loads) == 2 and all(float(local) < 0.6 * float(total) for total, local in loads), \
+        f"ZeRO-3 must load the towers partitioned, not whole on each rank: {loads}"
 
     a, b = metrics_by_step(one), metrics_by_step(two)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]

@@ -47,6 +47,7 @@ def train(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> int:
     """Runs (or resumes) the job; returns the process exit code (0 also after a preemption save).
     `preemption`: a flag the entry point installed before its imports (default signals)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     preemption = _preemption_flag(preemption, cfg.preemption_signals)
     dev = ds_engine.device_type(cfg.device)
     rank, _, world = ds_engine.init_distributed(dev)
@@ -57,7 +58,13 @@ def train(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> int:
     ds_config = ds_engine.deepspeed_config(cfg, dev)
     zero3 = ds_engine.zero3_context(ds_config)  # noqa: F841 — must stay alive while loading
     assembled = build_llava(cfg.model, dev)
-    apply_freeze(assembled.model, cfg.trainable)
+    trainable = apply_freeze(assembled.model, cfg.trainable)
+    params = list(assembled.model.parameters())
+    # Under ZeRO-3 the towers load straight into partitions: a rank holds ~1/world of them here.
+    log.info("rank %d: model %.2fM parameters (%.2fM trainable tensors: %d), %.2fM materialised on this rank",
+             rank, sum(getattr(p, "ds_numel", p.numel()) for p in params) / 1e6,
+             sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad) / 1e6,
+             len(trainable), sum(p.numel() for p in params) / 1e6)
 
     encoder = SampleEncoder(assembled.tokenizer, assembled.image_processor,
                             num_image_tokens=assembled.num_image_tokens,
