@@ -114,3 +114,16 @@ def test_projector_of_another_model_is_refused_with_shapes(assembled, tmp_path):
 def test_unknown_trainable_part_is_refused(assembled):
     with pytest.raises(ValueError, match=r"unknown trainable part\(s\) \['vision'\]"):
         apply_freeze(assembled.model, ["vision"])
+
+
+def test_training_forwards_keep_sdpa_and_never_compute_attention_maps(assembled, batch):
+    # Reference defect 4: output_attentions=True forced eager attention and O(T^2) maps per layer.
+    attention_maps = []
+    attention = assembled.model.model.language_model.layers[0].self_attn
+    handle = attention.register_forward_hook(lambda module, args, out: attention_maps.append(out[1]))
+    try:
+        tga_forward(assembled.model, batch, CaptionTargets(LAYERS, 0), 0.0, TGAConfig(layers=LAYERS))
+    finally:
+        handle.remove()
+    assert len(attention_maps) == 2, "the multimodal forward and the caption forward"
+    assert all(maps is None for maps in attention_maps)
