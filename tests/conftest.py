@@ -34,24 +34,27 @@ def tiny_world():
         return ensure(folder, seed=0)
 
 
-def write_training_shards(world, out: Path, *, samples: int, per_shard: int, seed: int = 0) -> Path:
-    """Stage-1 shards per the shard contract, written with the shared writer; the retrieved text is
-    another sample's caption (what the retrieval join would give for a related image)."""
-    records = json.loads(world.stage1_json.read_text())[:samples]
+def write_training_shards(world, out: Path, *, samples: int, per_shard: int, seed: int = 0,
+                          stage: str = "stage1") -> Path:
+    """Shards per the shard contract, written with the shared writer from the world's stage-1 or
+    stage-2 JSON; the retrieved text is another sample's answer (what the retrieval join would give
+    for a related image), the caption the sample's first answer; text-only samples keep no image."""
+    records = json.loads((world.stage1_json if stage == "stage1" else world.stage2_json).read_text())[:samples]
     captions = [r["conversations"][1]["value"] for r in records]
     rng = random.Random(seed)
     rows = []
     for shard_index, start in enumerate(range(0, len(records), per_shard)):
         with ShardWriter(out / shard_name(shard_index)) as writer:
             for i, record in enumerate(records[start:start + per_shard], start):
-                key = f"s1_{i:06d}"
+                key = f"{stage}_{i:06d}"
+                image = (world.images / record["image"]).read_bytes() if "image" in record else None
                 other = captions[(i + 1 + rng.randrange(len(captions) - 1)) % len(captions)]
-                meta = {"key": key, "source": "tiny-stage1", "conversations": record["conversations"],
-                        "image_caption": captions[i], "toxic": False,
-                        "retrieved": [{"text": other, "score": 0.5, "caption_id": f"c{i}"}]}
-                offset = writer.write(key, (world.images / record["image"]).read_bytes(), meta)
+                meta = {"key": key, "source": f"tiny-{stage}", "conversations": record["conversations"],
+                        "image_caption": captions[i] if image else "", "toxic": False,
+                        "retrieved": [{"text": other, "score": 0.5, "caption_id": f"c{i}"}] if image else []}
+                offset = writer.write(key, image, meta)
                 rows.append({"key": key, "shard": shard_name(shard_index), "offset": offset,
-                             "n_tokens": 64, "has_image": True, "source": "tiny-stage1"})
+                             "n_tokens": 64, "has_image": image is not None, "source": f"tiny-{stage}"})
     write_manifest(out / "manifest.parquet", rows)
     return out
 

@@ -127,3 +127,44 @@ def test_training_forwards_keep_sdpa_and_never_compute_attention_maps(assembled,
         handle.remove()
     assert len(attention_maps) == 2, "the multimodal forward and the caption forward"
     assert all(maps is None for maps in attention_maps)
+
+
+def test_stage2_alignment_gradient_reaches_projector_and_llm_but_not_the_tower(assembled, batch):
+    model = assembled.model
+    apply_freeze(model, ["projector", "llm"])
+    try:
+        _, _, grads = projector_grads(model, batch, TGAConfig(layers=LAYERS))
+        _, _, lm_only = projector_grads(model, batch, TGAConfig(layers=LAYERS), use_tga=False)
+    finally:
+        apply_freeze(model, ["projector"])
+    assert not any(n.startswith("model.vision_tower.") for n in grads)
+    layer = "model.language_model.layers.2.mlp.down_proj.weight"   # below the aligned layer 4
+    assert layer in grads and grads[layer].abs().sum() > 0
+    assert not torch.allclose(grads[layer], lm_only[layer])
+
+
+def test_text_only_batch_still_runs_the_vision_tower_for_zero3(assembled, stage1_shards):
+    # Under ZeRO-3 a rank that skipped the tower would leave the others waiting on its gather.
+    encoder = SampleEncoder(assembled.tokenizer, assembled.image_processor,
+                            num_image_tokens=assembled.num_image_tokens, template="tokenizer",
+                            insert_retrieved=False, max_tokens=256)
+    conversations = [{"from": "human", "value": "What colour is the sky?"},
+                     {"from": "gpt", "value": "It is blue."}]
+    sample = encoder(type("S", (), {"key": "t0", "image": None,
+                                    "meta": {"conversations": conversations, "image_caption": ""}})())
+    text_batch = collate([sample], assembled.tokenizer.pad_token_id)
+    assert text_batch["pixel_values"] is None
+    calls = []
+    handle = assembled.model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        model = assembled.model
+        apply_freeze(model, ["projector"])
+        model.zero_grad(set_to_none=True)
+        loss, parts = tga_forward(model, text_batch, CaptionTargets(LAYERS, 0), 0.0, TGAConfig(layers=LAYERS))
+        loss.backward()
+    finally:
+        handle.remove()
+    assert calls, "vision tower not run"
+    assert torch.isfinite(loss) and float(parts["n_valid"]) == 0
+    assert all(p.grad is not None and not p.grad.any()
+               for p in model.model.multi_modal_projector.parameters()), "dummy image must add zero gradient"

@@ -51,10 +51,13 @@ class SampleEncoder:
     def __call__(self, sample) -> Encoded | Rejected:
         meta = sample.meta
         retrieved = meta.get("retrieved") or []
+        # Toxic samples keep their CE loss but get no alignment target (as the reference intends):
+        # TGA aligns images to benign descriptions, never pulls toward toxic text.
+        caption = None if meta.get("toxic") else (meta.get("image_caption") or None)
         text = build_sample(
             self.tokenizer, meta["conversations"], template=self.template,
-            image_caption=meta.get("image_caption"),
-            retrieved_text=retrieved[0]["text"] if retrieved else None,
+            image_caption=caption,
+            retrieved_text=retrieved[0]["text"] if retrieved and sample.image is not None else None,
             insert_retrieved=self.insert_retrieved, num_image_tokens=self.num_image_tokens,
             max_tokens=self.max_tokens, image_token=self.image_token)
         if isinstance(text, Rejected):
