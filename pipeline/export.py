@@ -1,0 +1,266 @@
+"""Export a ZeRO-3 checkpoint: the stage-1 projector file, or a transformers Llava folder.
+
+    python -m pipeline.export --checkpoint RUN_DIR/checkpoints [--step N] --out OUT \\
+        [--format projector|hf] [--config RUN_DIR/config.yaml] [key.sub=value ...]
+
+Both formats start from DeepSpeed's zero_to_fp32 consolidation of one complete checkpoint (default:
+the one `latest` names), so an export never needs the ranks, GPUs or DeepSpeed engine that trained.
+
+- `projector`: OUT/projector.safetensors, the same file the stage-1 loop writes at its end
+  (`model.projector` of the next stage, or `load_projector`).
+- `hf`: a folder that `AutoModelForImageTextToText.from_pretrained(OUT)` and
+  `AutoProcessor.from_pretrained(OUT)` load with plain transformers: `LlavaForConditionalGeneration`
+  safetensors + config, the tokenizer with the training chat template, and a `LlavaProcessor`
+  whose image preprocessing and `<image>` expansion are the ones training used. The model paths
+  and the template come from the run's resolved config (`RUN_DIR/config.yaml`, written by the loop).
+
+OUT is written under a temporary sibling name and renamed when complete: a crashed export leaves no
+folder that looks finished.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from PIL import Image
+from transformers import LlavaProcessor
+from transformers.models.llava import LlavaImageProcessor
+
+from pipeline.config import ConfigError, load_config
+from pipeline.model.assemble import AssembledModel, build_llava, projector_state_dict, save_projector
+from pipeline.tga.templates import get_template, template_source
+from pipeline.train.checkpoint import (CheckpointError, export_full_state_dict, latest_complete_step,
+                                       saved_steps, step_tag)
+from pipeline.train.config import TrainConfig
+
+log = logging.getLogger("pipeline.export")
+
+PROJECTOR_FILE = "projector.safetensors"
+RUN_CONFIG = "config.yaml"  # the loop writes it next to checkpoints/
+# The skeleton is only a container for the consolidated fp32 weights: built on CPU in fp32, without
+# the stage-1 projector file a stage-2 config points at (the checkpoint holds the trained one).
+_SKELETON_OVERRIDES = ["model.projector=null", "model.dtype=fp32", "model.attn_implementation=sdpa",
+                       "model.gradient_checkpointing=false"]
+_MAX_LISTED_KEYS = 20
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be written: the message names the file and the fix."""
+
+
+def resolve_step(ckpt_dir: str | Path, step: int | None) -> int:
+    """`step` if it is a complete checkpoint of `ckpt_dir`; None means the newest complete one."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise ExportError(f"{ckpt_dir}: no such checkpoint folder (expected RUN_DIR/checkpoints)")
+    complete = saved_steps(ckpt_dir)
+    if step is None:
+        step = latest_complete_step(ckpt_dir)
+        if step is None:
+            hint = (f"; did you mean {ckpt_dir / 'checkpoints'}?" if (ckpt_dir / "checkpoints").is_dir()
+                    else "")
+            raise ExportError(f"{ckpt_dir}: no complete checkpoint (global_step<N>/ with a COMPLETE "
+                              f"marker){hint}")
+        return step
+    if not (ckpt_dir / step_tag(step)).is_dir():
+        raise ExportError(f"{ckpt_dir}: no checkpoint for step {step}; complete steps: {complete or 'none'}")
+    # A folder without COMPLETE: the checkpoint module refuses it with its own message.
+    return step
+
+
+def consolidate(ckpt_dir: str | Path, step: int | None) -> tuple[int, dict[str, torch.Tensor]]:
+    """(step, full fp32 state dict) of a complete checkpoint, via DeepSpeed's zero_to_fp32."""
+    step = resolve_step(ckpt_dir, step)
+    log.info("consolidating %s", Path(ckpt_dir) / step_tag(step))
+    return step, export_full_state_dict(ckpt_dir, step)
+
+
+def export_projector(ckpt_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
+    """OUT/projector.safetensors from checkpoint `step` (default: latest complete)."""
+    _refuse_existing(Path(out))
+    step, state = consolidate(ckpt_dir, step)
+    with _staged(Path(out)) as staging:
+        save_projector(projector_state_dict(state), staging / PROJECTOR_FILE)
+    return Path(out) / PROJECTOR_FILE
+
+
+def run_config(ckpt_dir: str | Path, config: str | Path | None = None,
+               overrides: list[str] = ()) -> TrainConfig:
+    """The resolved training config of the run that wrote `ckpt_dir` (default: its config.yaml)."""
+    path = Path(config) if config is not None else Path(ckpt_dir).parent / RUN_CONFIG
+    if not path.is_file():
+        raise ExportError(f"{path}: no run config (the training loop writes {RUN_CONFIG} next to "
+                          "checkpoints/); pass --config with the run's resolved config")
+    try:
+        return load_config(TrainConfig, path, [*_SKELETON_OVERRIDES, *overrides])
+    except ConfigError as err:
+        raise ExportError(f"{err}\nThe export needs the run's model folders (model.*); fix a moved or "
+                          "deleted path with a key=value override on the command line "
+                          "(e.g. shards=<any existing folder> if the training shards are gone)") from None
+
+
+def export_hf(ckpt_dir: str | Path, out: str | Path, step: int | None = None,
+              config: str | Path | None = None, overrides: list[str] = ()) -> Path:
+    """A transformers Llava folder (model, tokenizer, chat template, processor) from checkpoint `step`."""
+    _refuse_existing(Path(out))
+    step = resolve_step(ckpt_dir, step)
+    cfg = run_config(ckpt_dir, config, overrides)
+    # Model folders and processor first: their errors come in seconds, the consolidation takes minutes.
+    assembled = build_llava(cfg.model, "cpu")
+    processor = build_processor(assembled, cfg)
+    step, state = consolidate(ckpt_dir, step)
+    load_full_state(assembled.model, state, Path(ckpt_dir) / step_tag(step))
+    del state  # a second full copy of the weights (28 GB in fp32 for a 7B LLM)
+    with _staged(Path(out)) as staging:
+        assembled.model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+    return Path(out)
+
+
+def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy a consolidated state dict into `model`; every name and shape must match."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ExportError(
+            f"{source}: the checkpoint's weights do not match the model built from the run config "
+            f"(other LLM / vision tower / tokenizer than in training?)\n"
+            f"  missing from the checkpoint ({len(missing)}): {_listed(missing)}\n"
+            f"  not in the model ({len(unexpected)}): {_listed(unexpected)}")
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)}"
+             for k, v in expected.items() if state[k].shape != v.shape]
+    if wrong:
+        raise ExportError(f"{source}: {len(wrong)} weight(s) differ in shape from the model built from "
+                          f"the run config: {_listed(wrong)}")
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)
+
+
+def export_chat_template(cfg: TrainConfig, tokenizer) -> str:
+    """The training template, readable also from transformers' multimodal message format.
+
+    Training renders string contents; `processor.apply_chat_template` users pass
+    `[{"type": "image"}, {"type": "text", "text": ...}]`. The prefix joins such a list into the
+    string training saw (`<image>\\nquestion`), so both render byte-identically.
+    """
+    source = template_source(get_template(cfg.prompt.template), tokenizer)
+    image = cfg.model.image_token.replace("\\", "\\\\").replace("'", "\\'")
+    to_text = (
+        "{%- set converted = namespace(messages=[]) -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}"
+        "{%- set converted.messages = converted.messages + [message] -%}"
+        "{%- else -%}"
+        "{%- set parts = namespace(texts=[]) -%}"
+        "{%- for item in message['content'] -%}"
+        "{%- if item['type'] == 'image' -%}{%- set parts.texts = parts.texts + ['" + image + "'] -%}"
+        "{%- elif item['type'] == 'text' -%}{%- set parts.texts = parts.texts + [item['text']] -%}"
+        "{%- else -%}{{- raise_exception('only text and image content is supported') -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set converted.messages = converted.messages"
+        " + [{'role': message['role'], 'content': parts.texts | join('\\n')}] -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set messages = converted.messages -%}"
+    )
+    return to_text + source
+
+
+def build_processor(assembled: AssembledModel, cfg: TrainConfig) -> LlavaProcessor:
+    """A LlavaProcessor that preprocesses images and expands `<image>` exactly as training did."""
+    config = assembled.model.config
+    # LlavaImageProcessor = the tower's CLIP preprocessing + LLaVA-1.5's pad-to-square with the
+    # mean colour (do_pad), which is what pipeline.data.encode applies before the CLIP processor.
+    settings = {k: v for k, v in assembled.image_processor.to_dict().items() if k != "image_processor_type"}
+    image_processor = LlavaImageProcessor(**settings, do_pad=cfg.model.pad_to_square)
+    tokenizer = assembled.tokenizer
+    template = export_chat_template(cfg, tokenizer)
+    tokenizer.chat_template = template
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        # CLIP adds a CLS embedding to the patches; "default" drops it again, so the processor
+        # counts (size / patch)² + 1 - 1 placeholders = config.image_seq_length.
+        num_additional_image_tokens=1,
+        image_token=cfg.model.image_token, chat_template=template)
+    _check_image_expansion(processor, config)
+    return processor
+
+
+def _check_image_expansion(processor: LlavaProcessor, config) -> None:
+    crop = processor.image_processor.crop_size
+    blank = Image.new("RGB", (crop["width"], crop["height"]))
+    ids = processor(images=blank, text=processor.image_token, return_tensors="pt")["input_ids"][0]
+    found = int((ids == config.image_token_index).sum())
+    if found != config.image_seq_length:
+        raise ExportError(f"the processor expands {processor.image_token} to {found} tokens but the model "
+                          f"expects image_seq_length={config.image_seq_length} (vision tower "
+                          f"{config.vision_config.image_size}px, patch {config.vision_config.patch_size})")
+
+
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A temporary sibling folder that becomes `out` once the body finished."""
+    _refuse_existing(out)
+    staging = out.parent / f".{out.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)  # left by an export that crashed
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()
+    os.replace(staging, out)
+    log.info("wrote %s", out)
+
+
+def _refuse_existing(out: Path) -> None:
+    # Checked before the consolidation too, which takes minutes for a 7B model.
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out}: exists and is not an empty folder; choose a new --out or remove it")
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED_KEYS])
+    return shown + (f", … ({len(names) - _MAX_LISTED_KEYS} more)" if len(names) > _MAX_LISTED_KEYS else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, type=Path, help="RUN_DIR/checkpoints")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (new or empty)")
+    parser.add_argument("--format", choices=["projector", "hf"], default="hf")
+    parser.add_argument("--config", type=Path, default=None,
+                        help=f"the run's resolved config (default: {RUN_CONFIG} next to --checkpoint)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="hf: overrides of the run config (e.g. a moved model.llm)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        if args.format == "projector":
+            if args.overrides or args.config:
+                parser.error("--config and overrides apply to --format hf only")
+            written = export_projector(args.checkpoint, args.out, args.step)
+        else:
+            written = export_hf(args.checkpoint, args.out, args.step, args.config, args.overrides)
+    except (ExportError, CheckpointError) as err:
+        raise SystemExit(f"export error: {err}") from None
+    print(f"exported {written}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
