@@ -35,8 +35,11 @@ demo: env retrieval-env
 	$(PY) -m stages.retrieval_join --config configs/tiny/retrieval_join_stage2.yaml
 	PYTHON=$(PY) CONFIG=configs/tiny/stage1.yaml CPU_RANKS=2 bash launch/stage1.sh
 	PYTHON=$(PY) CONFIG=configs/tiny/stage2.yaml CPU_RANKS=2 bash launch/stage2.sh
+	rm -rf work/export/stage2-hf
+	$(PY) -m pipeline.export --checkpoint work/runs/stage2/checkpoints --out work/export/stage2-hf
 	@echo
-	@echo "Results under work/: tiny world, index/, shards/, runs/ (checkpoints, exports, metrics.jsonl)."
+	@echo "Results under work/: tiny world, index/, shards/, runs/ (checkpoints, metrics.jsonl), export/stage2-hf"
+	@echo "(a transformers Llava folder: AutoModelForImageTextToText / AutoProcessor load it)."
 	@echo "MLflow UI (stage 1; stage 2 likewise in work/runs/stage2):"
 	@echo "  $(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/work/runs/stage1/mlflow.db"
 
