@@ -21,6 +21,7 @@ def stage_overrides(world, shards: Path, run_dir: Path, **extra) -> list[str]:
 def stage_env(**extra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
     env.update(PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TORCHDYNAMO_DISABLE="1",  # DeepSpeed imports inductor at start-up (seconds per rank); unused here
                MASTER_PORT=str(free_port()), **extra)
     return env
 
