@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,8 +16,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.train.checkpoint import saved_steps
 from tests.conftest import write_training_shards
-from tests.stage_runner import (consumed_keys, metrics_by_step, run_stage, stage_overrides,
-                                start_stage, tail)
+from tests.mlflow_server import free_port
+from tests.stage_runner import (REPO, consumed_keys, metrics_by_step, run_stage, stage_env,
+                                stage_overrides, start_stage, tail)
 
 pytestmark = pytest.mark.slow
 STEPS = 20
@@ -61,9 +64,15 @@ def rank_pid(launcher: psutil.Popen, rank: int) -> int:
 
 
 def test_sigterm_then_sigkill_resume_replays_identical_losses_and_samples(tiny_world, shards, tmp_path):
+    # The reference also proves `deepspeed launch/stage1.sh` (the launcher runs the script as Python).
     reference = tmp_path / "reference"
-    run_stage("stages.stage1_align", "configs/tiny/stage1.yaml", overrides(tiny_world, shards, reference),
-              ranks=2, launch_script="stage1.sh", log=tmp_path / "reference.log")
+    with open(tmp_path / "reference.log", "wb") as out:
+        done = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                               "--master_port", str(free_port()), "launch/stage1.sh",
+                               *overrides(tiny_world, shards, reference)],
+                              cwd=REPO, env=stage_env(CONFIG="configs/tiny/stage1.yaml"), stdout=out,
+                              stderr=subprocess.STDOUT, timeout=900)
+    assert done.returncode == 0, tail(tmp_path / "reference.log")
 
     run, log = tmp_path / "interrupted", tmp_path / "interrupted.log"
     # 1. SIGTERM on rank 1 only: both ranks agree at the next step boundary, save the same step, exit 0.
