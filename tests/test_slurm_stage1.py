@@ -57,3 +57,30 @@ def test_sbatch_stage1_checkpoints_on_warning_requeues_and_finishes(tiny_world, 
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1
     assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "lm")} == set(range(1, STEPS + 1))
+
+
+def test_deepspeed_slurm_launcher_runs_the_launch_script_as_srun_tasks(tiny_world, tmp_path):
+    """`deepspeed --launcher slurm --hostfile H launch/stage1.sh` inside an allocation: DeepSpeed
+    starts `srun -n <slots> python -u launch/stage1.sh`, whose Python part maps Slurm's task ids to ranks."""
+    reason = ensure_slurm_installed()
+    if reason:
+        pytest.skip(f"no Slurm test cluster on this machine: {reason}")
+    shards = write_training_shards(tiny_world, tmp_path / "shards", samples=16, per_shard=4)
+    run = tmp_path / "run"
+    overrides = stage_overrides(tiny_world, shards, run, **{"loader.batch_size": 2, "max_steps": 2,
+                                                             "tracking.plot_every_steps": 0})
+    (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\nset -euo pipefail\n"
+                      f"{sys.executable} -m deepspeed.launcher.runner --launcher slurm --force_multi "
+                      f"--no_ssh_check --hostfile {tmp_path / 'hostfile'} --master_addr localhost "
+                      "launch/stage1.sh " + " ".join(f"'{o}'" for o in overrides) + "\n")
+    with slurm_cluster(tmp_path / "slurm", cpus=2) as cluster:
+        job = cluster.sbatch(script, cwd=REPO, options=["--ntasks=2", f"--output={tmp_path / 'job.out'}"],
+                             env=stage_env(CONFIG="configs/tiny/stage1.yaml"))
+        state = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout_s=600)
+    log = (tmp_path / "job.out").read_text()
+    assert state == "COMPLETED", log[-4000:]
+    assert "srun -n 2" in log
+    assert sorted(metrics_by_step(run)) == [1, 2]
+    assert all(len(consumed_keys(run, rank)) == 2 for rank in (0, 1)), "both srun tasks trained as ranks"
