@@ -24,6 +24,9 @@ MAIN_ENV := $(ENV_ROOT)/main-$(MAIN_HASH)
 RETRIEVAL_ENV := $(ENV_ROOT)/retrieval-$(RETRIEVAL_HASH)
 PY := $(MAIN_ENV)/bin/python
 export PYTHONPATH := $(CURDIR)
+# DeepSpeed JIT-builds a CPU comm op once per environment; a shared cache would rebuild it whenever
+# another environment built it last.
+export TORCH_EXTENSIONS_DIR := $(MAIN_ENV)/torch_extensions
 
 .PHONY: demo test env retrieval-env clean-work
 

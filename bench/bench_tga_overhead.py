@@ -1,0 +1,262 @@
+"""TGA overhead: seconds per stage-1 training step with and without the alignment loss.
+
+    PYTHONPATH=. .venv/bin/python bench/bench_tga_overhead.py [--quick] [--world DIR]
+        [--batch 8] [--steps 30] [--warmup 5] [--threads 1] [--hidden 256 --layers 8]
+
+One process, one model, one batch of real tiny-world samples (SampleEncoder + collate), projector
+trainable, LLM and vision tower frozen; every timed step is forward + backward + AdamW step:
+  (a) plain LLaVA stage 1: LM loss only            tga_forward(..., use_tga=False)
+  (b) TGA, caption targets cached (warm)           CaptionTargets(cache_size > 0), stage 1's path
+  (c) TGA, caption targets uncached                CaptionTargets(cache_size = 0): text forward each step
+  (d) the reference's way: eager attention, output_attentions=True on the training forward and on a
+      second full forward for the caption's hidden states (same TGA loss on top)
+Variants run round-robin (rotating order) so a load change on a shared machine hits all alike; the
+table gives the median. Goal: (b)/(a) <= 1.10. `--hidden/--layers` swap the tiny LLM for a random
+Llama of that size (same tokenizer and vision tower) to show how the ratios move with model size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from transformers.utils import logging as transformers_logging
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from pipeline.data.encode import SampleEncoder, collate  # noqa: E402
+from pipeline.data.shards import ShardSample  # noqa: E402
+from pipeline.model.assemble import AssembledModel, ModelConfig, apply_freeze, build_llava  # noqa: E402
+from pipeline.tga.loss import TGAConfig, pool_caption_targets, tga_loss  # noqa: E402
+from pipeline.tga.prompt import Rejected  # noqa: E402
+from pipeline.tinyworld import WorldPaths, ensure  # noqa: E402
+from pipeline.train.step import CaptionTargets, tga_forward  # noqa: E402
+
+TINY_CONFIG = REPO / "configs" / "tiny" / "stage1.yaml"
+STEP_FRACTION = 0.0  # both alignment terms at full weight: the most work TGA ever does per step
+
+
+def default_world_dir() -> Path:
+    """The tests' tiny-world cache (keyed by the generator's source), so a bench reuses their world."""
+    from tests.conftest import _tinyworld_cache
+    return _tinyworld_cache()
+
+
+def tiny_world(folder: Path | None) -> WorldPaths:
+    folder = Path(folder) if folder is not None else default_world_dir()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return ensure(folder, seed=0)
+
+
+def stage1_settings() -> tuple[dict, TGAConfig]:
+    """Prompt settings and TGA config of the tiny stage-1 run (configs/tiny/stage1.yaml)."""
+    raw = yaml.safe_load(TINY_CONFIG.read_text())
+    return raw["prompt"], TGAConfig(**raw["tga"])
+
+
+def real_batch(world: WorldPaths, assembled: AssembledModel, prompt: dict, batch_size: int) -> dict:
+    """The first `batch_size` stage-1 samples, encoded as the loader encodes shard samples; the
+    retrieved text is the next sample's caption (a related-but-different text, as retrieval gives)."""
+    records = json.loads(world.stage1_json.read_text())[:batch_size + 1]
+    if len(records) <= batch_size:
+        raise SystemExit(f"{world.stage1_json}: {len(records)} records, need {batch_size + 1}")
+    encoder = SampleEncoder(assembled.tokenizer, assembled.image_processor,
+                            num_image_tokens=assembled.num_image_tokens, template=prompt["template"],
+                            insert_retrieved=prompt["insert_retrieved"], max_tokens=prompt["max_tokens"])
+    encoded = []
+    for i, record in enumerate(records[:batch_size]):
+        caption = record["conversations"][1]["value"]
+        retrieved = records[i + 1]["conversations"][1]["value"]
+        meta = {"key": f"s1_{i:06d}", "conversations": record["conversations"], "image_caption": caption,
+                "retrieved": [{"text": retrieved, "score": 0.5, "caption_id": f"c{i + 1}"}]}
+        sample = encoder(ShardSample(meta["key"], (world.images / record["image"]).read_bytes(), meta))
+        if isinstance(sample, Rejected):
+            raise SystemExit(f"{world.stage1_json}: record {record['id']} rejected: {sample.reason}")
+        encoded.append(sample)
+    return collate(encoded, assembled.tokenizer.pad_token_id)
+
+
+def scaled_llm(world: WorldPaths, hidden: int, layers: int, out: Path) -> Path:
+    """A randomly initialised Llama of the given size with the tiny tokenizer, saved as an HF folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tiny = LlamaConfig.from_pretrained(world.llm)
+    heads = max(4, hidden // 64)
+    if hidden % heads:
+        raise SystemExit(f"--hidden {hidden} is not divisible by {heads} attention heads")
+    config = LlamaConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2), intermediate_size=hidden * 11008 // 4096,  # LLaMA's ratio
+        max_position_embeddings=tiny.max_position_embeddings, vocab_size=tiny.vocab_size,
+        tie_word_embeddings=False, bos_token_id=tiny.bos_token_id, eos_token_id=tiny.eos_token_id,
+        pad_token_id=tiny.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(world.llm).save_pretrained(out)
+    return out
+
+
+def scaled_layers(tga: TGAConfig, tiny_layers: int, layers: int) -> TGAConfig:
+    """The tiny config's alignment band at the same relative depth of a model with `layers` layers."""
+    band = sorted({max(1, min(layers, round(layer * layers / tiny_layers))) for layer in tga.layers})
+    return TGAConfig(layers=band, align_weight=tga.align_weight, pair_weight=tga.pair_weight)
+
+
+def reference_forward(model, batch: dict, step_fraction: float, cfg: TGAConfig):
+    """What the released code did: attention maps on both forwards (forcing eager attention) and a
+    second full forward, LM head included, for the caption hidden states. The text forward runs
+    without grad: with a frozen LLM in stage 1 it builds no graph either way."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"], labels=batch["labels"],
+                output_hidden_states=True, output_attentions=True)
+    with torch.no_grad():
+        text = model(input_ids=batch["caption_input_ids"], attention_mask=batch["caption_attention_mask"],
+                     output_hidden_states=True, output_attentions=True)
+    targets, valid = pool_caption_targets(text.hidden_states, batch["caption_spans"], cfg.layers)
+    image_hidden = torch.stack([out.hidden_states[layer] for layer in cfg.layers])
+    return tga_loss(out.loss, image_hidden, batch["image_spans"], batch["retrieved_spans"], targets,
+                    valid, step_fraction, cfg)
+
+
+def training_step(model, optimizer, loss_fn) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss, _ = loss_fn()
+    loss.backward()
+    optimizer.step()
+
+
+def attention_map_megabytes(model, batch: dict) -> float:
+    """Size of the attention maps one step of (d) materialises (multimodal + text forward)."""
+    with torch.no_grad():
+        mm = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   pixel_values=batch["pixel_values"], output_attentions=True)
+        text = model(input_ids=batch["caption_input_ids"], attention_mask=batch["caption_attention_mask"],
+                     output_attentions=True)
+    maps = [a for a in (*mm.attentions, *text.attentions) if a is not None]
+    return sum(a.numel() * a.element_size() for a in maps) / 2**20
+
+
+def time_round_robin(jobs: dict, warmup: int, steps: int) -> dict[str, list[float]]:
+    """Seconds of each job per round; rounds rotate the order so no job always runs first."""
+    names = list(jobs)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(warmup + steps):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            started = time.perf_counter()
+            jobs[name]()
+            if round_index >= warmup:
+                seconds[name].append(time.perf_counter() - started)
+    return seconds
+
+
+def build_models(world: WorldPaths, llm: Path):
+    """The SDPA model for (a)-(c) and an eager twin with the same projector weights for (d)."""
+    torch.manual_seed(0)
+    main = build_llava(ModelConfig(llm=llm, vision_tower=world.clip, attn_implementation="sdpa"))
+    eager = build_llava(ModelConfig(llm=llm, vision_tower=world.clip, attn_implementation="eager"))
+    eager.model.model.multi_modal_projector.load_state_dict(main.model.model.multi_modal_projector.state_dict())
+    for assembled in (main, eager):
+        apply_freeze(assembled.model, ["projector"])
+        assembled.model.train()
+    return main, eager
+
+
+def run(world: WorldPaths, llm: Path, tga: TGAConfig, prompt: dict, args) -> dict[str, float]:
+    main, eager = build_models(world, llm)
+    batch = real_batch(world, main, prompt, args.batch)
+    model, ref_model = main.model, eager.model
+    optimizers = {name: torch.optim.AdamW(m.model.multi_modal_projector.parameters(), lr=1e-3)
+                  for name, m in (("main", model), ("eager", ref_model))}
+    cached = CaptionTargets(tga.layers, cache_size=len(batch["keys"]))
+    cached(model, batch)  # warm: stage 1 fills the cache in its first epoch
+    uncached = CaptionTargets(tga.layers, cache_size=0)
+    step = {
+        "a": lambda: training_step(model, optimizers["main"], lambda: tga_forward(
+            model, batch, cached, STEP_FRACTION, tga, use_tga=False)),
+        "b": lambda: training_step(model, optimizers["main"], lambda: tga_forward(
+            model, batch, cached, STEP_FRACTION, tga)),
+        "c": lambda: training_step(model, optimizers["main"], lambda: tga_forward(
+            model, batch, uncached, STEP_FRACTION, tga)),
+        "d": lambda: training_step(ref_model, optimizers["eager"], lambda: reference_forward(
+            ref_model, batch, STEP_FRACTION, tga)),
+        "text": lambda: uncached(model, batch),
+    }
+    seconds = time_round_robin(step, args.warmup, args.steps)
+    if cached.forwards != 1:
+        raise RuntimeError(f"cached caption targets ran {cached.forwards} text forwards, expected 1")
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    text_config = model.config.text_config
+    print(f"\nmodel: LLM hidden {text_config.hidden_size}, {text_config.num_hidden_layers} layers, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params "
+          f"(projector {sum(p.numel() for p in model.model.multi_modal_projector.parameters()) / 1e6:.3f} M "
+          f"trainable); alignment layers {tga.layers}")
+    print(f"batch: {len(batch['keys'])} samples, {batch['input_ids'].shape[1]} tokens "
+          f"({main.num_image_tokens} image tokens), caption input {batch['caption_input_ids'].shape[1]} tokens; "
+          f"median of {args.steps} steps after {args.warmup} warm-up, {torch.get_num_threads()} thread(s)")
+    labels = {"a": "(a) plain LLaVA stage 1 (LM loss only)", "b": "(b) TGA, cached caption targets",
+              "c": "(c) TGA, uncached (text forward each step)",
+              "d": "(d) reference: eager + attentions, 2nd forward"}
+    print(f"{'variant':<48}{'s/step':>10}{'vs (a)':>9}")
+    for name, label in labels.items():
+        print(f"{label:<48}{median[name]:>10.4f}{median[name] / median['a']:>8.2f}x")
+    for name in ("b", "c", "d"):
+        print(f"ratio ({name})/(a) = {median[name] / median['a']:.3f}")
+    print(f"uncached text forward alone: {median['text']:.4f} s = {median['text'] / median['a']:.1%} of (a), "
+          f"{median['text'] / median['c']:.1%} of (c)")
+    print(f"attention maps materialised per step by (d): {attention_map_megabytes(ref_model, batch):.2f} MB")
+    verdict = "met" if median["b"] / median["a"] <= 1.10 else "NOT met"
+    print(f"goal (b)/(a) <= 1.10: {verdict}")
+    return median
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world", type=Path, help="tiny world folder (generated there if missing; "
+                        "default: the tests' cache)")
+    parser.add_argument("--quick", action="store_true", help="3 timed steps, 1 warm-up (smoke test)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--hidden", type=int, help="random Llama of this hidden size instead of the tiny LLM")
+    parser.add_argument("--layers", type=int, help="its number of layers (with --hidden)")
+    args = parser.parse_args(argv)
+    if (args.hidden is None) != (args.layers is None):
+        parser.error("--hidden and --layers go together")
+    if args.quick:
+        args.steps, args.warmup = 3, 1
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--batch, --steps and --threads must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)
+    torch.set_num_threads(args.threads)
+    transformers_logging.set_verbosity_error()  # load reports of the tiny CLIP's unused text tower
+    transformers_logging.disable_progress_bar()
+    print(f"machine load (1/5/15 min): {' '.join(f'{v:.2f}' for v in os.getloadavg())}, "
+          f"{os.cpu_count()} CPUs")
+    world = tiny_world(args.world)
+    prompt, tga = stage1_settings()
+    with tempfile.TemporaryDirectory() as tmp:
+        llm = world.llm
+        if args.hidden is not None:
+            tiny_layers = json.loads((world.llm / "config.json").read_text())["num_hidden_layers"]
+            llm = scaled_llm(world, args.hidden, args.layers, Path(tmp) / "llm")
+            tga = scaled_layers(tga, tiny_layers, args.layers)
+        run(world, llm, tga, prompt, args)
+    print(f"machine load after (1/5/15 min): {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
