@@ -7,10 +7,9 @@ write into each other's run.
 
 A tracking server that is down or slow must never stop or stall training. Every MLflow call is
 bounded (see `_bounded_http`) and caught; the first failure of an outage is logged as a warning with
-the URI and the error; metrics are buffered and re-sent at most every `retry_interval_seconds`, and
-artifacts logged while the server is down are dropped and counted (they are files that may be
-rewritten by then). Bad *arguments* (an invalid metric name, a non-numeric value) are our bugs and
-raise at once on every rank, before MLflow is involved.
+the URI and the error; metrics are buffered and re-sent at most every `retry_interval_seconds`;
+artifacts logged while the server is down are dropped and counted (the files may be rewritten by
+then). Bad *arguments* (invalid metric name, non-numeric value) are our bugs and raise at once.
 """
 from __future__ import annotations
 
