@@ -30,12 +30,7 @@ log = logging.getLogger(__name__)
 def fingerprint(cfg: CaptionIndexConfig) -> str:
     """Hash of what determines the index: corpus bytes, model identity, index options."""
     digest = hashlib.sha256()
-    for path in (cfg.captions, cfg.toxic_snippets):
-        if path is not None:
-            with Path(path).open("rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
-        digest.update(b"\0")
+    corpus.hash_files(digest, (cfg.captions, cfg.toxic_snippets))
     digest.update(model_identity(cfg.clip_model).encode())
     digest.update(json.dumps(to_dict(cfg.index), sort_keys=True).encode())
     return digest.hexdigest()

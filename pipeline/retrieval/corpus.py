@@ -154,3 +154,13 @@ def read_caption_map(path: Path) -> dict[str, str]:
             raise CorpusError(f"{path}: row {row_number} needs string fields image and caption (got {str(row)[:80]})")
         mapping[row["image"]] = normalize_text(row["caption"])
     return mapping
+
+
+def hash_files(digest, paths) -> None:
+    """Feed the bytes of each file (None: absent) into `digest`, one separator after each."""
+    for path in paths:
+        if path is not None:
+            with Path(path).open("rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+        digest.update(b"\0")

@@ -221,11 +221,7 @@ class _SampleWriter:
 def _fingerprint(cfg: RetrievalJoinConfig, info: IndexInfo) -> str:
     """What determines a slice's output: input bytes, the index, and the settings that change samples."""
     digest = hashlib.sha256()
-    for path in (cfg.input, cfg.caption_map):
-        if path is not None:
-            with Path(path).open("rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
+    corpus.hash_files(digest, (cfg.input, cfg.caption_map))
     index_stats = json.loads((Path(info.folder) / "stats.json").read_text())
     digest.update(str(index_stats.get("fingerprint")).encode())
     settings = {k: v for k, v in to_dict(cfg).items()
