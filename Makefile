@@ -55,8 +55,10 @@ env: $(MAIN_ENV)/.ready
 retrieval-env: $(RETRIEVAL_ENV)/.ready
 	ln -sfn $(RETRIEVAL_ENV) .retrieval-venv
 
-# A venv is only used once `.ready` exists; an interrupted build is wiped and redone.
-$(MAIN_ENV)/.ready: requirements/main.txt requirements/dev.txt
+# A venv is only used once `.ready` exists; an interrupted build is wiped and redone. No file
+# prerequisites: the hash in the folder name already tracks the requirements' content, and a fresh
+# clone's newer mtimes must not rebuild an environment that other clones share.
+$(MAIN_ENV)/.ready:
 	rm -rf $(MAIN_ENV) && mkdir -p $(ENV_ROOT)
 	$(PYTHON) -m venv $(MAIN_ENV)
 	$(MAIN_ENV)/bin/pip install -q --upgrade pip
@@ -66,7 +68,7 @@ $(MAIN_ENV)/.ready: requirements/main.txt requirements/dev.txt
 	$(MAIN_ENV)/bin/pip install -q --no-deps clip-anytorch==2.6.0
 	touch $@
 
-$(RETRIEVAL_ENV)/.ready: requirements/retrieval.txt
+$(RETRIEVAL_ENV)/.ready:
 	rm -rf $(RETRIEVAL_ENV) && mkdir -p $(ENV_ROOT)
 	$(PYTHON) -m venv $(RETRIEVAL_ENV)
 	$(RETRIEVAL_ENV)/bin/pip install -q --upgrade pip
