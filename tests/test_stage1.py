@@ -41,6 +41,7 @@ def test_two_rank_zero3_matches_one_rank_and_logs_one_mlflow_run(tiny_world, par
         runs = client.search_runs([experiment.experiment_id])
         assert len(runs) == 1, "only global rank 0 may open a run"
         run = runs[0]
+        assert run.info.run_name == "stage1-two_ranks"
         assert run.data.params["optim.lr"] == "0.001" and run.data.params["stage"] == "stage1"
         assert run.data.tags["world_size"] == "2" and run.data.tags["stage"] == "stage1"
         history = client.get_metric_history(run.info.run_id, "align")

@@ -92,7 +92,9 @@ def train(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> int:
         log.info("rank %d resumed at step %d (epoch %d)", rank, state.step, state.epoch)
     loader.dataset.set_epoch(state.epoch)
 
-    tracker = Tracker.open(cfg.tracking, run_dir, is_main=rank == 0, run_id=state.run_id,
+    tracking = cfg.tracking if cfg.tracking.run_name else dataclasses.replace(
+        cfg.tracking, run_name=f"{cfg.stage}-{run_dir.resolve().name}")  # not MLflow's random name
+    tracker = Tracker.open(tracking, run_dir, is_main=rank == 0, run_id=state.run_id,
                            params=flatten(cfg), tags={"stage": cfg.stage, "world_size": str(world),
                                                       "git_commit": git_commit()})
     state.run_id = tracker.run_id if rank == 0 else state.run_id
