@@ -54,22 +54,17 @@ class PreemptionFlag:
     def signals_received(self) -> int:
         return self._count
 
-    def should_stop(self, group: dist.ProcessGroup | None = None) -> bool:
-        """True on every rank of `group` if any rank has the flag; call it at a step boundary.
+    def should_stop(self) -> bool:
+        """True on every rank if any rank has the flag; call it at a step boundary.
 
-        A collective: every rank of the group must call it at the same step. Without an initialized
-        process group it is the local flag.
+        A collective: every rank must call it at the same step. Without an initialized process group
+        it is the local flag.
         """
-        import torch.distributed as dist  # here, not at import: the stage entry imports this module
-        # before torch, so a signal during start-up is already caught
+        # Imported here, not at module import: the stage entry imports this module before torch, so
+        # a signal during start-up is already caught.
+        from pipeline.train.distributed import any_rank
 
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.is_set
-        import torch
-
-        local = torch.tensor([1 if self.is_set else 0], dtype=torch.int32, device=_collective_device(group))
-        dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
-        stop = bool(local.item())
+        stop = any_rank(self.is_set)[0]
         if stop:
             origin = f"received {self.received}" if self.is_set else "signal received on another rank"
             log.info("preemption: stopping at this step boundary (%s)", origin)
@@ -127,13 +122,3 @@ def _signal_by_name(name: str) -> signal.Signals:
     if key not in signal.Signals.__members__ or key in ("SIGKILL", "SIGSTOP"):
         raise ValueError(f"cannot catch signal '{name}'; use names such as SIGTERM, SIGUSR1, SIGUSR2")
     return signal.Signals[key]
-
-
-def _collective_device(group):
-    import torch
-    import torch.distributed as dist
-
-    # NCCL only reduces CUDA tensors; gloo (and a mixed "cpu:gloo,cuda:nccl" group) takes CPU ones.
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
