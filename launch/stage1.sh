@@ -25,17 +25,8 @@ exit 0
 """
 # Python: the DeepSpeed launcher runs this file as `python -u launch/stage1.sh --local_rank=N ...`.
 # (For bash, everything below is an unused here-document that ends at the last line.)
-import os, runpy, sys  # noqa: E401
+import os, sys  # noqa: E401
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # `deepspeed --launcher slurm`: srun tasks
-    import subprocess
-    os.environ.update(RANK=os.environ["SLURM_PROCID"], LOCAL_RANK=os.environ["SLURM_LOCALID"],
-                      WORLD_SIZE=os.environ["SLURM_NTASKS"])
-    nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_STEP_NODELIST"]],
-                           capture_output=True, text=True, check=True).stdout.split()
-    os.environ.setdefault("MASTER_ADDR", nodes[0])
-    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
-if "--config" not in sys.argv:
-    sys.argv[1:1] = ["--config", os.environ.get("CONFIG", "configs/stage1.yaml")]
-runpy.run_module("stages.stage1_align", run_name="__main__", alter_sys=True)
+from pipeline.train.cli import run_from_launch_script  # noqa: E402
+run_from_launch_script("stage1", default_config="configs/stage1.yaml")
 pass

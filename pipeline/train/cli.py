@@ -1,6 +1,8 @@
 """Shared entry of the training stages: catch preemption signals first, then import and run."""
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 from pipeline.train.preemption import PreemptionFlag  # stdlib only: imports in milliseconds
@@ -20,3 +22,19 @@ def run_training_stage(stage: str, argv: list[str] | None = None) -> None:
     if cfg.stage != stage:
         raise SystemExit(f"config has stage '{cfg.stage}', but this entry point runs '{stage}'")
     main(cfg, preemption)
+
+
+def run_from_launch_script(stage: str, default_config: str) -> None:
+    """The Python side of launch/stage*.sh, which the DeepSpeed launcher runs as
+    `python -u launch/stageN.sh [--local_rank=N] ...`; CONFIG selects the config as in bash."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # `deepspeed --launcher slurm`: srun tasks
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], LOCAL_RANK=os.environ["SLURM_LOCALID"],
+                          WORLD_SIZE=os.environ["SLURM_NTASKS"])
+        nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_STEP_NODELIST"]],
+                               capture_output=True, text=True, check=True).stdout.split()
+        os.environ.setdefault("MASTER_ADDR", nodes[0])
+        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
+    argv = sys.argv[1:]
+    if "--config" not in argv:
+        argv = ["--config", os.environ.get("CONFIG", default_config), *argv]
+    run_training_stage(stage, argv)
