@@ -6,7 +6,10 @@ rank 1 receives SIGTERM after step 7 and every rank receives more SIGTERMs durin
 """
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ import pytest
 from pipeline.train.checkpoint import saved_steps
 from pipeline.train.preemption import PreemptionFlag, requeue_if_slurm
 from tests.ds_toy import toy_scenarios
+from tests.stage_runner import REPO
 
 
 def deliver(signum: int) -> None:
@@ -51,6 +55,30 @@ def test_leaving_the_block_reinstalls_the_previous_handlers():
     with PreemptionFlag(("SIGUSR1",)):
         assert signal.getsignal(signal.SIGUSR1) is not before
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_after_ignore_from_now_a_stream_of_signals_cannot_kill_the_exiting_process():
+    """A Slurm warning that lands after the last step, even during interpreter shutdown (where Python
+    resets its handlers to the default action, which kills), leaves the exit code 0."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from pipeline.train.preemption import PreemptionFlag\n"
+         "flag = PreemptionFlag(('SIGUSR1', 'SIGTERM'))\n"
+         "flag.ignore_from_now()\n"
+         "print('ready', flush=True)\n"
+         "time.sleep(0.3)\n"
+         "sys.exit(0)\n"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert child.stdout.readline().strip() == "ready"
+    sent = 0
+    while child.poll() is None:
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                os.kill(child.pid, signum)
+                sent += 1
+            except ProcessLookupError:
+                break
+    assert child.wait() == 0 and sent > 10
 
 
 @pytest.mark.parametrize("name", ["SIGKILL", "SIGSTOP", "SIGBOGUS"])

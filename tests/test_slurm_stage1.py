@@ -28,20 +28,26 @@ def test_sbatch_stage1_checkpoints_on_warning_requeues_and_finishes(tiny_world, 
     with slurm_cluster(tmp_path / "slurm", cpus=2, gpus=2) as cluster:
         job = cluster.sbatch(
             REPO / "launch" / "stage1.sh", *overrides, cwd=REPO,
-            # the header asks for 8 GPUs and a day; this node has 2 (fake) GPUs and we want the
-            # warning soon: USR1 once less than 100 s remain of 2 minutes (slurmctld checks every 30 s)
-            options=["--gpus-per-node=2", "--cpus-per-gpu=1", "--time=2", "--signal=B:USR1@100",
+            # the header asks for 8 GPUs and a day; this node has 2 (fake) GPUs
+            options=["--gpus-per-node=2", "--cpus-per-gpu=1", "--time=15",
                      f"--output={tmp_path / 'job.out'}"],
             env=stage_env(CONFIG="configs/tiny/stage1.yaml", CPU_RANKS="2", PYTHON=sys.executable))
+        # What `--signal=B:USR1@<grace>` does before the time limit, sent once training runs: slurmctld
+        # checks the limits only every 30 s, so a time-based warning could land after a fast run ends.
         deadline = time.monotonic() + 400
+        while not _steps_done(run) >= 3:
+            state = cluster.job_state(job)
+            assert state in {"PENDING", "RUNNING"}, \
+                f"job {job} {state} before the warning:\n{(tmp_path / 'job.out').read_text()[-4000:]}"
+            assert time.monotonic() < deadline, (tmp_path / "job.out").read_text()[-4000:]
+            time.sleep(0.2)
+        cluster.run("scancel", "--batch", "--signal=USR1", job)
         while cluster.restart_count(job) == 0:
             state = cluster.job_state(job)
-            assert state in {"PENDING", "RUNNING", "COMPLETING"}, \
+            assert state not in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, \
                 f"job {job} {state} before requeue:\n{(tmp_path / 'job.out').read_text()[-4000:]}"
             assert time.monotonic() < deadline, (tmp_path / "job.out").read_text()[-4000:]
             time.sleep(0.5)
-        # The second allocation gets time to finish (a real job would simply requeue again).
-        cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=15")
         state = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout_s=600)
         log = (tmp_path / "job.out").read_text()
         assert state == "COMPLETED", log[-4000:]
@@ -57,6 +63,11 @@ def test_sbatch_stage1_checkpoints_on_warning_requeues_and_finishes(tiny_world, 
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1
     assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "lm")} == set(range(1, STEPS + 1))
+
+
+def _steps_done(run) -> int:
+    metrics = run / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
 
 
 def test_deepspeed_slurm_launcher_runs_the_launch_script_as_srun_tasks(tiny_world, tmp_path):

@@ -249,4 +249,7 @@ def _preemption_flag(early: PreemptionFlag | None, signals: list[str]) -> Preemp
 
 
 def main(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> None:
-    sys.exit(train(cfg, preemption))
+    preemption = _preemption_flag(preemption, cfg.preemption_signals)
+    code = train(cfg, preemption)
+    preemption.ignore_from_now()  # finished or checkpointed: a late signal must not fail the job
+    sys.exit(code)

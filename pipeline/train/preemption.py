@@ -70,6 +70,17 @@ class PreemptionFlag:
             log.info("preemption: stopping at this step boundary (%s)", origin)
         return stop
 
+    def ignore_from_now(self) -> None:
+        """Ignore the signals for the rest of the process: the run is finished or checkpointed.
+
+        Python resets its own handlers to the default action while the interpreter shuts down, so a
+        Slurm warning that arrives after the last step (while DeepSpeed, MLflow and the loader
+        workers close) would kill a finished rank and fail the job. An ignored signal stays ignored.
+        """
+        for name in self.signals:
+            signal.signal(_signal_by_name(name), signal.SIG_IGN)
+        self._previous.clear()
+
     def restore(self) -> None:
         """Reinstall the handlers that were there before this flag."""
         for signum, previous in self._previous.items():
