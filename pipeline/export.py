@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -39,11 +41,13 @@ from pipeline.tga.templates import get_template, template_source
 from pipeline.train.checkpoint import (CheckpointError, export_full_state_dict, latest_complete_step,
                                        saved_steps, step_tag)
 from pipeline.train.config import TrainConfig
+from pipeline.train.tracking import TRACKING_FILE
 
 log = logging.getLogger("pipeline.export")
 
 PROJECTOR_FILE = "projector.safetensors"
 RUN_CONFIG = "config.yaml"  # the loop writes it next to checkpoints/
+TRAINING_INFO = "tga_training.json"  # in an hf export: prompt, TGA layers and MLflow run of the training
 # The skeleton is only a container for the consolidated fp32 weights: built on CPU in fp32, without
 # the stage-1 projector file a stage-2 config points at (the checkpoint holds the trained one).
 _SKELETON_OVERRIDES = ["model.projector=null", "model.dtype=fp32", "model.attn_implementation=sdpa",
@@ -121,7 +125,25 @@ def export_hf(ckpt_dir: str | Path, out: str | Path, step: int | None = None,
     with _staged(Path(out)) as staging:
         assembled.model.save_pretrained(staging)
         processor.save_pretrained(staging)
+        (staging / TRAINING_INFO).write_text(json.dumps(training_info(cfg, Path(ckpt_dir), step), indent=2) + "\n")
     return Path(out)
+
+
+def training_info(cfg: TrainConfig, ckpt_dir: Path, step: int) -> dict:
+    """What the evaluation tools need to know about how the exported model was trained: the prompt
+    (so DSR inserts the retrieved text exactly as training did), the TGA layers, and the MLflow run
+    (so their reports land next to the training curves). Folders from elsewhere simply lack it."""
+    tracking_file = ckpt_dir.parent / TRACKING_FILE
+    tracking = json.loads(tracking_file.read_text()) if tracking_file.is_file() else {}
+    return {
+        "stage": cfg.stage,
+        "step": step,
+        "run_dir": str(ckpt_dir.parent.resolve()),
+        "tracking_uri": tracking.get("tracking_uri"),
+        "run_id": tracking.get("run_id"),
+        "prompt": dataclasses.asdict(cfg.prompt),
+        "tga_layers": list(cfg.tga.layers),
+    }
 
 
 def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:

@@ -90,6 +90,18 @@ def test_hf_export_loads_with_plain_transformers_and_holds_the_checkpoint_weight
         assert torch.equal(weights["model." + name], tensor), name
 
 
+def test_hf_export_records_the_prompt_layers_and_mlflow_run_of_the_training(run_dir, hf_dir):
+    info = json.loads((hf_dir / "tga_training.json").read_text())
+    cfg = run_config(run_dir / "checkpoints")
+    tracking = json.loads((run_dir / "mlflow_run.json").read_text())
+    assert info["stage"] == "stage1" and info["step"] == STEPS
+    assert info["prompt"] == dataclasses.asdict(cfg.prompt) and info["tga_layers"] == list(cfg.tga.layers)
+    assert (info["tracking_uri"], info["run_id"]) == (tracking["tracking_uri"], tracking["run_id"])
+    from mlflow import MlflowClient
+
+    assert MlflowClient(info["tracking_uri"]).get_run(info["run_id"]).data.tags["stage"] == "stage1"
+
+
 def test_hf_processor_tokenizes_like_training_and_generate_adds_tokens(exported, scene, training_tokenizer):
     model, processor = exported
     prompt = processor.tokenizer.apply_chat_template(

@@ -30,7 +30,7 @@ from pipeline.train.plots import layer_cosine_figure, save_png
 from pipeline.train.preemption import PreemptionFlag, requeue_if_slurm, signal_names
 from pipeline.train.rng import capture_rng_state, restore_rng_state
 from pipeline.train.step import CaptionTargets, tga_forward
-from pipeline.train.tracking import Tracker, git_commit
+from pipeline.train.tracking import TRACKING_FILE, Tracker, git_commit
 
 log = logging.getLogger("pipeline.train")
 
@@ -101,6 +101,9 @@ def train(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> int:
     if rank == 0:
         dump_yaml(cfg, run_dir / "config.yaml")
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
+        if tracker.run_id:  # where the export and the evaluation tools find the training run
+            (run_dir / TRACKING_FILE).write_text(json.dumps(
+                {"tracking_uri": tracker.uri, "run_id": tracker.run_id}, indent=2) + "\n")
         if restored is None:
             tracker.log_artifact(run_dir / "config.yaml")
             tracker.log_artifact(run_dir / "deepspeed.json")

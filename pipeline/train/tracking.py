@@ -65,6 +65,10 @@ class TrackingConfig:
         return self.plot_every_steps > 0 and step % self.plot_every_steps == 0
 
 
+# Written by rank 0 into the run folder: {"tracking_uri", "run_id"} of the job's MLflow run.
+TRACKING_FILE = "mlflow_run.json"
+
+
 def embedded_tracking_uri(run_dir: str | Path) -> str:
     """The default store: `sqlite:///<abs run_dir>/mlflow.db` (absolute, so `mlflow ui` works anywhere)."""
     return f"sqlite:///{(Path(run_dir).resolve() / 'mlflow.db').as_posix()}"
@@ -198,6 +202,11 @@ class Tracker:
     @property
     def run_id(self) -> str | None:
         return self._run_id
+
+    @property
+    def uri(self) -> str | None:
+        """The store this tracker writes to (None for a disabled tracker)."""
+        return self._uri
 
     @property
     def active(self) -> bool:
