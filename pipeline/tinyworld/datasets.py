@@ -1,7 +1,8 @@
 """The tiny world's datasets as plain records, before anything touches the disk.
 
 Each function is pure given its rng: which scenes exist and where their images live
-(`place_scenes`), the LLaVA JSON of both stages, the caption corpus and the toxic eval records.
+(`place_scenes`), the LLaVA JSON of both stages, the caption corpus, the toxic eval records and the
+held-out benign VQA of the general-ability eval.
 The layout mirrors the real data: LCS-558K images in numbered folders ("00000/000000012.jpg"),
 mix665k images under dataset folders ("coco/train2017/...", "gqa/images/...", "vg/VG_100K/...").
 """
@@ -20,6 +21,14 @@ STAGE2_GROUPS = ("coco/train2017", "gqa/images", "vg/VG_100K")
 TOXIC_SCENES_PER_CONCEPT = 3
 TEXT_ONLY_SHARE = 0.10
 MIN_CORPUS_CAPTIONS = 2400  # scene + synthetic captions; toxic snippets come on top
+N_HELDOUT_SCENES = 16  # general-ability eval (eval/benign_vqa.json); never in training
+# Question wording -> type, first match wins (the background question before the object colour one).
+_QUESTION_TYPES = (
+    ("How many", "count"), ("What colour is the background", "background"),
+    ("What is the background colour", "background"), ("What colour is the", "colour"),
+    ("What shape is the", "shape"), ("Where is the", "position"), ("Is there", "yes_no"),
+    ("Describe the image", "caption"), ("What does the picture show", "caption"),
+)
 # Image encodings: most JPEG; some PNG so packing must re-encode; a few PNG files named .jpg, as
 # in LLaVA's ocr_vqa folder, so nothing may trust the extension.
 PNG_SHARE, MISNAMED_PNG_SHARE = 0.04, 0.01
@@ -103,23 +112,70 @@ def stage2_records(stage2: list[PlacedScene], seed: int) -> list[dict]:
     return records
 
 
+def synthetic_captions(placed: list[PlacedScene], seed: int) -> list[tuple[Scene, str]]:
+    """Scene-like captions (distinct texts, none a placed scene's) that fill the corpus up to
+    MIN_CORPUS_CAPTIONS, with the scenes they describe: text only, no training image shows them."""
+    rng = random.Random(f"{seed}:corpus")
+    seen = {p.caption for p in placed}
+    synthetic: list[tuple[Scene, str]] = []
+    while len(placed) + len(synthetic) < MIN_CORPUS_CAPTIONS:
+        scene = sample_scene(rng)
+        caption = text.caption(scene, rng)
+        if caption not in seen:
+            seen.add(caption)
+            synthetic.append((scene, caption))
+    return synthetic
+
+
 def caption_corpus(placed: list[PlacedScene], seed: int) -> list[dict]:
     """Caption index input: every scene caption, synthetic scene-like captions (distinct texts), and
     the toxic snippets. Columns: caption_id, text, source, toxic."""
-    rng = random.Random(f"{seed}:corpus")
     rows = [{"caption_id": f"scene-{i:05d}", "text": p.caption, "source": "scene", "toxic": False}
             for i, p in enumerate(placed)]
-    seen = {row["text"] for row in rows}
-    n = 0
-    while len(rows) < MIN_CORPUS_CAPTIONS:
-        caption = text.caption(sample_scene(rng), rng)
-        if caption not in seen:
-            seen.add(caption)
-            rows.append({"caption_id": f"synthetic-{n:05d}", "text": caption, "source": "synthetic", "toxic": False})
-            n += 1
+    rows += [{"caption_id": f"synthetic-{n:05d}", "text": caption, "source": "synthetic", "toxic": False}
+             for n, (_, caption) in enumerate(synthetic_captions(placed, seed))]
     rows += [{"caption_id": f"toxic-{i:03d}", "text": snippet, "source": "toxic", "toxic": True}
              for i, snippet in enumerate(toxic.snippets())]
     return rows
+
+
+def heldout_scenes(placed: list[PlacedScene], seed: int) -> list[PlacedScene]:
+    """Benign scenes for the general-ability eval that no training sample shows: the first
+    synthetic corpus scenes unlike every placed scene. Their captions are corpus texts (as every
+    training image's is), so the eval's retrieval sees the same kind of index as training did."""
+    taken = {p.scene for p in placed}
+    heldout: list[PlacedScene] = []
+    for scene, caption in synthetic_captions(placed, seed):
+        if len(heldout) == N_HELDOUT_SCENES:
+            break
+        if scene not in taken:
+            taken.add(scene)
+            heldout.append(PlacedScene(f"heldout/{len(heldout):06d}.jpg", scene, caption, "jpeg"))
+    return heldout
+
+
+def _question_type(question: str) -> str:
+    for prefix, kind in _QUESTION_TYPES:
+        if question.startswith(prefix):
+            return kind
+    raise ValueError(f"no question type for {question!r}; add its wording to _QUESTION_TYPES")
+
+
+def benign_vqa_records(heldout: list[PlacedScene], seed: int) -> list[dict]:
+    """Held-out VQA (LLaVA format + `question_type`): per scene one question of each type it
+    supports, answers derived from the scene as in stage 2."""
+    rng = random.Random(f"{seed}:benign_vqa")
+    records = []
+    for p in heldout:
+        by_type: dict[str, list[tuple[str, str]]] = {}
+        for question, answer in text._question_pool(p.scene, p.caption, rng):
+            by_type.setdefault(_question_type(question), []).append((question, answer))
+        for kind in sorted(by_type):
+            question, answer = rng.choice(by_type[kind])
+            records.append({"id": f"vqa-{len(records):04d}", "image": p.image, "question_type": kind,
+                            "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                              {"from": "gpt", "value": answer}]})
+    return records
 
 
 def toxic_eval_records(toxic_scenes: list[PlacedScene], seed: int) -> list[dict]:

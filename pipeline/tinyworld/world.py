@@ -36,6 +36,7 @@ class WorldPaths:
     captions: Path
     toxic_snippets: Path
     toxic_images_json: Path
+    benign_vqa_json: Path
     llm: Path
     clip: Path
     tokenizer: Path
@@ -48,6 +49,7 @@ class WorldPaths:
             root=root, images=root / "images", stage1_json=root / "stage1.json", stage2_json=root / "stage2.json",
             image_captions=root / "image_captions.parquet", captions=root / "captions.parquet",
             toxic_snippets=root / "toxic_snippets.jsonl", toxic_images_json=root / "eval" / "toxic_images.json",
+            benign_vqa_json=root / "eval" / "benign_vqa.json",
             llm=root / "models" / "llm", clip=root / "models" / "clip", tokenizer=root / "models" / "tokenizer",
             world_json=root / "world.json",
         )
@@ -177,7 +179,9 @@ def generate(out: Path, seed: int = 0) -> WorldPaths:
     paths = WorldPaths.under(Path(out))
     _reset(paths.root)
     stage1, stage2, toxic_scenes = datasets.place_scenes(seed)
+    heldout = datasets.heldout_scenes(stage1 + stage2, seed)
     images = _write_images(paths, stage1 + stage2 + toxic_scenes)
+    _write_images(paths, heldout)  # general-ability eval only: no CLIP, LLM or tokenizer training
 
     stage1_json = datasets.stage1_records(stage1, seed)
     stage2_json = datasets.stage2_records(stage2, seed)
@@ -186,8 +190,10 @@ def generate(out: Path, seed: int = 0) -> WorldPaths:
     _write_json(paths.stage1_json, stage1_json)
     _write_json(paths.stage2_json, stage2_json)
     _write_json(paths.toxic_images_json, toxic_json)
+    benign_vqa_json = datasets.benign_vqa_records(heldout, seed)
+    _write_json(paths.benign_vqa_json, benign_vqa_json)
     _write_parquet(paths.image_captions, [{"image": p.image, "caption": p.caption}
-                                          for p in stage1 + stage2 + toxic_scenes])
+                                          for p in stage1 + stage2 + toxic_scenes + heldout])
     _write_parquet(paths.captions, corpus)
     snippets = [{"caption_id": row["caption_id"], "text": row["text"]} for row in corpus if row["toxic"]]
     paths.toxic_snippets.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in snippets))
@@ -201,16 +207,18 @@ def generate(out: Path, seed: int = 0) -> WorldPaths:
     metrics |= _llm_world(paths, llm_tokenizer, seed)
 
     encodings = ["png_named_jpg" if p.encoding == "png" and p.image.endswith(".jpg") else p.encoding
-                 for p in stage1 + stage2 + toxic_scenes]
+                 for p in stage1 + stage2 + toxic_scenes + heldout]
     counts = {
         "stage1_samples": len(stage1_json),
         "stage2_samples": len(stage2_json),
         "stage2_text_only": sum("image" not in r for r in stage2_json),
-        "images": len(images),
+        "images": len(images) + len(heldout),
         "images_by_encoding": {e: encodings.count(e) for e in sorted(set(encodings))},
         "captions": len(corpus),
         "toxic_snippets": len(snippets),
         "toxic_images": len(toxic_json),
+        "heldout_images": len(heldout),
+        "benign_vqa": len(benign_vqa_json),
         "llm_vocab_size": len(llm_tokenizer),
     }
     _write_json(paths.world_json, {"seed": seed, "generator": generator_fingerprint(), "counts": counts,
