@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from pipeline.tga.prompt import Rejected, build_sample, collate as collate_text
+from pipeline.tga.prompt import Rejected, build_sample, collate as collate_text, pack as pack_text
 
 
 @dataclasses.dataclass
@@ -74,8 +74,11 @@ class SampleEncoder:
         return Encoded(sample.key, text, pixels)
 
 
-def collate(samples: list[Encoded], pad_id: int) -> dict:
-    batch = collate_text([s.text for s in samples], pad_id)
+def collate(samples: list[Encoded], pad_id: int, packed: bool = False) -> dict:
+    """The micro-batch the model sees: right-padded rows, or with `packed` one padding-free row
+    (pipeline.tga.prompt.pack). Images are stacked in the order their tokens appear, which is
+    the order Llava fills image tokens with image features in both layouts."""
+    batch = (pack_text if packed else collate_text)([s.text for s in samples], pad_id)
     images = [s.pixel_values for s in samples if s.pixel_values is not None]
     batch["pixel_values"] = torch.stack(images) if images else None
     batch["keys"] = [s.key for s in samples]

@@ -12,7 +12,8 @@ Where the reference code went wrong, and what stands here instead:
   `detach_alignment` reproduces the released behaviour on purpose (value logged, no gradient);
 - its pooled spans could be empty and made NaN: here empty spans are masked out, all-invalid batches
   give an exact 0 that is still part of the graph, and no NaN can reach the backward pass.
-Everything is masked arithmetic (no boolean indexing): the only host sync is the span range check.
+Pooling gathers span positions (no boolean indexing, no masked copies of the hidden states); the only
+host sync is the span range check.
 """
 from __future__ import annotations
 
@@ -82,13 +83,16 @@ def pool_caption_targets(hidden_states: Sequence[torch.Tensor], caption_spans: t
 
 def tga_loss(lm_loss: torch.Tensor, image_hidden, image_spans: torch.Tensor,
              retrieved_spans: torch.Tensor, caption_targets: torch.Tensor, caption_valid: torch.Tensor,
-             step_fraction: float, cfg: TGAConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+             step_fraction: float, cfg: TGAConfig, span_rows: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
     """Total loss and its detached parts for logging.
 
     image_hidden: the multimodal forward's hidden states as {layer: [B,T,D]}, as its full
     `hidden_states` tuple (indexed by layer), or stacked [L,B,T,D] in `cfg.layers` order.
-    Spans [B,2] are half-open token ranges, (0, 0) for none; caption_targets [L,B,D] and
-    caption_valid [B] come from `pool_caption_targets`.
+    Spans [B,2] are half-open token ranges, (0, 0) for none, or bool masks [B,T]; caption_targets
+    [L,B,D] and caption_valid [B] come from `pool_caption_targets`. With packed rows
+    (pipeline.tga.prompt.pack) the hidden states have fewer rows than there are samples:
+    `span_rows` [B] names the row each sample's spans index.
     A sample counts for the alignment term when it has an image span and a caption target, and
     for the pair term when it also has a retrieved span. Means run over valid (layer, sample) pairs;
     with none valid a term is exactly 0. Parts: lm, align, pair (unweighted means), align_weight,
@@ -101,19 +105,20 @@ def tga_loss(lm_loss: torch.Tensor, image_hidden, image_spans: torch.Tensor,
                          f"{len(cfg.layers)}")
     align_w, pair_w = cfg.term_weights(step_fraction)
 
-    length, device = per_layer[0].shape[1], per_layer[0].device
-    image_mask = _as_mask(image_spans, len(caption_valid), length, device)  # [B,T], once for all layers
-    retrieved_mask = _as_mask(retrieved_spans, len(caption_valid), length, device)
-    valid = image_mask.any(dim=1) & caption_valid.to(device=device, dtype=torch.bool)
-    pair_valid = valid & retrieved_mask.any(dim=1)
+    rows, length, _ = per_layer[0].shape
+    device = per_layer[0].device
+    image_pool = _SpanPool(image_spans, span_rows, len(caption_valid), rows, length, device)  # once for all layers
+    retrieved_pool = _SpanPool(retrieved_spans, span_rows, len(caption_valid), rows, length, device)
+    valid = image_pool.nonempty & caption_valid.to(device=device, dtype=torch.bool)
+    pair_valid = valid & retrieved_pool.nonempty
     n_valid, n_pair_valid = valid.sum(), pair_valid.sum()
 
     exp_align, exp_pair, parts = [], [], {}
     for index, (layer, hidden) in enumerate(zip(cfg.layers, per_layer)):
         # rows of samples that do not count are zeroed before any arithmetic: a masked-out NaN
         # would still turn into NaN gradients through the cosine (0 * NaN)
-        image = torch.where(valid[:, None], masked_mean(hidden, image_mask)[0], 0.0)
-        retrieved = torch.where(pair_valid[:, None], masked_mean(hidden, retrieved_mask)[0], 0.0)
+        image = torch.where(valid[:, None], image_pool(hidden), 0.0)
+        retrieved = torch.where(pair_valid[:, None], retrieved_pool(hidden), 0.0)
         target = torch.where(valid[:, None], caption_targets[index].detach().float(), 0.0)  # no-grad
         cos_image = F.cosine_similarity(image, target, dim=-1, eps=_COS_EPS)  # [B]
         cos_retrieved = F.cosine_similarity(retrieved, target, dim=-1, eps=_COS_EPS)
@@ -136,6 +141,56 @@ def tga_loss(lm_loss: torch.Tensor, image_hidden, image_spans: torch.Tensor,
     parts.update(lm=lm_loss.detach().float(), align=align.detach(), pair=pair.detach(),
                  align_weight=align_w, pair_weight=pair_w, n_valid=n_valid, n_pair_valid=n_pair_valid)
     return total, parts
+
+
+class _SpanPool:
+    """Mean over each sample's span of a [R,T,D] hidden state, as [B,D] fp32.
+
+    Span positions are gathered (index_select), never multiplied by a mask: no copy of the whole
+    hidden state, and a NaN outside a span cannot leak in. The indices are built once per batch and
+    reused for every layer; the range check is the one host sync.
+    """
+
+    def __init__(self, spans: torch.Tensor, span_rows: torch.Tensor | None, batch: int, rows: int,
+                 length: int, device: torch.device):
+        self.batch = batch
+        if spans.dtype == torch.bool:  # masks [B,T]: one row per sample
+            if span_rows is not None:
+                raise ValueError("span_rows needs (start, end) spans, not masks")
+            if rows != batch:
+                raise ValueError(f"hidden states have {rows} rows for {batch} samples")
+            self.mask = _as_mask(spans, batch, length, device)
+            self.nonempty = self.mask.any(dim=1)
+            return
+        self.mask = None
+        if spans.shape != (batch, 2):
+            raise ValueError(f"spans must be [B,2] = {[batch, 2]} (start, end), got {list(spans.shape)}")
+        if span_rows is None:
+            if rows != batch:
+                raise ValueError(f"hidden states have {rows} rows for {batch} samples: packed batches "
+                                 "need span_rows")
+            span_rows = torch.arange(batch)
+        bounds = spans.tolist()
+        row_ids = span_rows.tolist()
+        if len(row_ids) != batch or any(not 0 <= r < rows for r in row_ids):
+            raise ValueError(f"span_rows must give a row in [0, {rows}) per sample, got {row_ids}")
+        # a span past the sequence end would silently pool fewer tokens: that is a batching bug
+        if any(not 0 <= start <= length or not 0 <= end <= length for start, end in bounds):
+            raise ValueError(f"spans out of range [0, {length}]: {bounds}")
+        lengths = [max(end - start, 0) for start, end in bounds]
+        flat = [row * length + p for (start, end), row in zip(bounds, row_ids) for p in range(start, end)]
+        self.index = torch.tensor(flat, dtype=torch.long, device=device)
+        self.segment = torch.repeat_interleave(torch.arange(batch, device=device),
+                                               torch.tensor(lengths, device=device), output_size=len(flat))
+        self.count = torch.tensor(lengths, dtype=torch.float32, device=device).clamp(min=1)[:, None]
+        self.nonempty = torch.tensor(lengths, device=device) > 0
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.mask is not None:
+            return masked_mean(hidden, self.mask)[0]
+        gathered = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.index).float()
+        summed = torch.zeros(self.batch, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+        return summed.index_add(0, self.segment, gathered) / self.count
 
 
 def _as_mask(spans: torch.Tensor, batch: int, length: int, device: torch.device) -> torch.Tensor:

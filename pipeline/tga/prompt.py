@@ -129,6 +129,42 @@ def collate(samples: list[EncodedSample], pad_id: int) -> dict[str, torch.Tensor
     }
 
 
+def pack(samples: list[EncodedSample], pad_id: int) -> dict[str, torch.Tensor | None]:
+    """Padding-free micro-batch: every sample concatenated into one row, no pad token at all.
+
+    `position_ids` restart at 0 for each sample and `attention_mask` is None: transformers then
+    keeps attention inside each sample (flash-attention 2: varlen kernels from the position ids;
+    SDPA/eager: a block-diagonal causal mask). Spans are shifted into the row and `span_rows`
+    (all 0) says which row each sample's spans index, so TGA pools the same tokens as in `collate`.
+    The label of each sample's first token is ignored: under the LM's one-token shift it is the
+    target of the previous sample's last position. Captions stay a padded batch (their forward is
+    a separate no-grad pass). `seq_lens` lists the sample lengths in row order.
+    """
+    offsets, position_ids, labels, input_ids = [], [], [], []
+    for sample in samples:
+        offsets.append(len(input_ids))
+        input_ids += sample.input_ids
+        labels += [IGNORE_INDEX] + sample.labels[1:]
+        position_ids += range(len(sample.input_ids))
+
+    def shifted(values: list[Span | None]) -> torch.Tensor:
+        return torch.tensor([(v[0] + o, v[1] + o) if v is not None else (0, 0)
+                             for v, o in zip(values, offsets)], dtype=torch.long)
+
+    captions = collate(samples, pad_id)
+    return {
+        "input_ids": torch.tensor([input_ids], dtype=torch.long),
+        "attention_mask": None,
+        "position_ids": torch.tensor([position_ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "image_spans": shifted([s.image_span for s in samples]),
+        "retrieved_spans": shifted([s.retrieved_span for s in samples]),
+        "span_rows": torch.zeros(len(samples), dtype=torch.long),
+        "seq_lens": torch.tensor([len(s.input_ids) for s in samples], dtype=torch.long),
+        **{k: v for k, v in captions.items() if k.startswith("caption_")},
+    }
+
+
 def _turns(conversations: list[dict]) -> list[tuple[str, str]]:
     if not conversations:
         raise ValueError("conversation is empty")

@@ -6,6 +6,7 @@ Everything the loop calls has one job; the loop itself only decides *when*: when
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import random
@@ -73,7 +74,8 @@ def train(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> int:
                             pad_to_square=cfg.model.pad_to_square, image_token=cfg.model.image_token)
     pad_id = assembled.tokenizer.pad_token_id
     loader = build_loader(cfg.shards, rank=rank, world_size=world, cfg=cfg.loader, encode=encoder,
-                          collate=lambda samples: collate(samples, pad_id), seed=cfg.seed)
+                          collate=functools.partial(collate, pad_id=pad_id, packed=cfg.loader.packing),
+                          seed=cfg.seed)
     steps_per_epoch = batches_per_epoch(cfg.shards, world, cfg.loader) // cfg.optim.grad_accum
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     if total_steps < 1:

@@ -27,7 +27,8 @@ class StepMeter:
     def micro(self, batch: dict, parts: dict) -> None:
         self.micro_steps += 1
         self.samples += len(batch["keys"])
-        self.tokens += int(batch["attention_mask"].sum())
+        mask = batch["attention_mask"]  # None for a packed (padding-free) batch
+        self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         for name, value in parts.items():
             self.parts[name] = self.parts.get(name, 0.0) + float(value)
 

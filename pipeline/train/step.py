@@ -57,8 +57,11 @@ def tga_forward(engine, batch: dict, targets_fn: CaptionTargets, step_fraction: 
     """`engine`: a DeepSpeed engine or the bare Llava model (tests, analysis)."""
     model = getattr(engine, "module", engine)
     pixel_values = batch.get("pixel_values")
+    # Packed batches carry position_ids and no attention_mask: transformers derives per-sample
+    # attention from them (flash varlen / block-diagonal mask), which needs use_cache=False.
     out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 pixel_values=pixel_values, labels=batch["labels"], output_hidden_states=True)
+                 position_ids=batch.get("position_ids"), pixel_values=pixel_values,
+                 labels=batch["labels"], output_hidden_states=True, use_cache=False)
     lm_loss = out.loss
     if pixel_values is None:
         lm_loss = lm_loss + 0.0 * _dummy_vision(model, batch["input_ids"].device)
@@ -67,7 +70,7 @@ def tga_forward(engine, batch: dict, targets_fn: CaptionTargets, step_fraction: 
     targets, valid = targets_fn(model, batch)
     image_hidden = torch.stack([out.hidden_states[layer] for layer in cfg.layers])  # [L,B,T,D]
     return tga_loss(lm_loss, image_hidden, batch["image_spans"], batch["retrieved_spans"],
-                    targets, valid, step_fraction, cfg)
+                    targets, valid, step_fraction, cfg, span_rows=batch.get("span_rows"))
 
 
 def _dummy_vision(model, device) -> torch.Tensor:

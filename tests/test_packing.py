@@ -1,0 +1,105 @@
+"""Padding-free packing: one row per micro-batch, position ids restarting per sample, attention kept
+inside each sample (transformers' block-diagonal mask on CPU). It must train exactly like the
+padded batch: same loss, same TGA parts, same gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.data.encode import SampleEncoder, collate
+from pipeline.data.shards import iter_shard
+from pipeline.model.assemble import ModelConfig, apply_freeze, build_llava
+from pipeline.tga.loss import TGAConfig
+from pipeline.tga.prompt import IGNORE_INDEX
+from pipeline.train.step import CaptionTargets, tga_forward
+from tests.conftest import write_training_shards
+
+LAYERS = [2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def assembled(tiny_world):
+    torch.manual_seed(0)
+    assembled = build_llava(ModelConfig(llm=tiny_world.llm, vision_tower=tiny_world.clip))
+    apply_freeze(assembled.model, ["projector", "llm"])  # stage 2: gradients through the whole LLM
+    return assembled
+
+
+@pytest.fixture(scope="module")
+def samples(assembled, tiny_world, tmp_path_factory):
+    """Stage-2 samples of different lengths: multi-turn, text-only and image samples mixed."""
+    shards = write_training_shards(tiny_world, tmp_path_factory.mktemp("pack"), samples=40, per_shard=40,
+                                   stage="stage2")
+    encoder = SampleEncoder(assembled.tokenizer, assembled.image_processor,
+                            num_image_tokens=assembled.num_image_tokens, template="tokenizer",
+                            insert_retrieved=True, max_tokens=320)
+    encoded = [encoder(s) for s in iter_shard(shards / "train-000000.tar")]
+    text_only = [e for e in encoded if e.pixel_values is None][:2]
+    with_image = [e for e in encoded if e.pixel_values is not None][:4]
+    picked = [with_image[0], text_only[0], with_image[1], with_image[2], text_only[1], with_image[3]]
+    assert len({len(e.text.input_ids) for e in picked}) > 2, "lengths must differ for padding to matter"
+    return picked
+
+
+def forward(model, batch, cfg=TGAConfig(layers=LAYERS)):
+    model.zero_grad(set_to_none=True)
+    loss, parts = tga_forward(model, batch, CaptionTargets(cfg.layers, 0), 0.25, cfg)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), parts, grads
+
+
+def test_packed_row_restarts_positions_and_keeps_every_token_once(assembled, samples):
+    pad = assembled.tokenizer.pad_token_id
+    packed = collate(samples, pad, packed=True)
+    padded = collate(samples, pad)
+    lengths = [len(s.text.input_ids) for s in samples]
+    assert packed["input_ids"].shape == (1, sum(lengths)) and packed["attention_mask"] is None
+    assert padded["input_ids"].numel() > sum(lengths), "the padded batch has padding to remove"
+    starts = torch.tensor([0] + lengths[:-1]).cumsum(0)
+    assert packed["position_ids"][0, starts].eq(0).all()
+    assert packed["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    for i, start in enumerate(starts.tolist()):
+        row = packed["input_ids"][0, start:start + lengths[i]]
+        assert torch.equal(row, padded["input_ids"][i, :lengths[i]])
+        assert packed["labels"][0, start] == IGNORE_INDEX  # no target across the sample boundary
+        image = packed["image_spans"][i].tolist()
+        assert image == (padded["image_spans"][i] + (start if samples[i].pixel_values is not None else 0)).tolist()
+    assert packed["pixel_values"].shape[0] == sum(s.pixel_values is not None for s in samples)
+
+
+def test_packed_and_padded_batches_give_the_same_loss_parts_and_gradients(assembled, samples):
+    pad = assembled.tokenizer.pad_token_id
+    padded_loss, padded_parts, padded_grads = forward(assembled.model, collate(samples, pad))
+    packed_loss, packed_parts, packed_grads = forward(assembled.model, collate(samples, pad, packed=True))
+    assert float(padded_parts["n_valid"]) == 4 and float(padded_parts["n_pair_valid"]) == 4
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-5)
+    for name in ("lm", "align", "pair", *(f"cos_layer/{layer}" for layer in LAYERS)):
+        torch.testing.assert_close(torch.as_tensor(packed_parts[name]), torch.as_tensor(padded_parts[name]),
+                                   rtol=1e-5, atol=1e-5, msg=name)
+    assert sorted(packed_grads) == sorted(padded_grads)
+    assert any(n.startswith("model.language_model.") for n in packed_grads)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_attention_does_not_cross_samples_in_a_packed_row(assembled, samples):
+    """Changing every token of the first sample leaves the second sample's logits unchanged."""
+    pad = assembled.tokenizer.pad_token_id
+    first, second = samples[1], samples[0]  # text-only first: no image features to realign
+    batch = collate([first, second], pad, packed=True)
+    changed = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    n = len(first.text.input_ids)
+    changed["input_ids"][0, :n] = (changed["input_ids"][0, :n] + 7) % assembled.model.config.text_config.vocab_size
+    model = assembled.model.eval()
+    try:
+        with torch.no_grad():
+            kwargs = dict(attention_mask=None, use_cache=False)
+            a = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                      pixel_values=batch["pixel_values"], **kwargs).logits
+            b = model(input_ids=changed["input_ids"], position_ids=changed["position_ids"],
+                      pixel_values=changed["pixel_values"], **kwargs).logits
+    finally:
+        model.train()
+    assert not torch.allclose(a[0, :n], b[0, :n])
+    torch.testing.assert_close(a[0, n:], b[0, n:], rtol=1e-5, atol=1e-5)
