@@ -45,6 +45,8 @@ def build_lens_model(folder, tokenizer_dir, *, refusal_from: int | None, neutral
     with torch.no_grad():
         model.model.embed_tokens.weight.zero_()
         model.model.embed_tokens.weight[:, NEUTRAL] = 1.0
+        # a non-uniform final norm: normalising the last hidden state twice would change its logits
+        model.model.norm.weight.copy_(torch.linspace(1.0, 2.0, HIDDEN))
         model.lm_head.weight.zero_()
         model.lm_head.weight[neutral_id, NEUTRAL] = 5.0
         model.lm_head.weight[refusal_id, REFUSAL] = 5.0
@@ -81,8 +83,11 @@ def test_construction_makes_the_refusal_token_top1_exactly_in_the_built_layers(l
                                              neutral_id, neutral_id]
     # the last layer is the model's own output: the lens must not normalise it a second time
     ids = loaded.tokenizer(chat_prompt(loaded, "x"), add_special_tokens=False, return_tensors="pt")["input_ids"]
-    final = loaded.model(input_ids=ids).logits[0, -1].softmax(-1)
+    out = loaded.model(input_ids=ids, output_hidden_states=True)
+    final = out.logits[0, -1].softmax(-1)
     assert torch.allclose(lens_distributions(loaded, chat_prompt(loaded, "x"))[-1], final, atol=1e-6)
+    twice = loaded.model.lm_head(loaded.model.model.norm(out.hidden_states[-1][0, -1]))
+    assert not torch.allclose(twice, out.logits[0, -1], atol=1e-3)
 
 
 def test_start_and_end_layers_are_the_constructed_ones(lens_models):

@@ -215,7 +215,8 @@ def figure(summary: dict, *, title: str) -> Figure:
         for key, style in (("mean_start_layer", "--"), ("mean_end_layer", ":")):
             if summary[key] is not None:
                 ax.axvline(summary[key], color="black", linestyle=style, label=key.replace("_", " "))
-    prob_ax.legend(fontsize=8, loc="upper left")
+    if prob_ax.get_legend_handles_labels()[0]:
+        prob_ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(title)
     return fig
 
