@@ -1,0 +1,10 @@
+"""Evaluation of a transformers Llava folder: is it safe (DSR) and still good (ability)?
+
+    python -m pipeline.eval.dsr      defense success rate on toxic images vs the same text (dsr.py)
+    python -m pipeline.eval.ability  exact match / token F1 on held-out benign VQA (ability.py)
+    python -m pipeline.eval.ablation one TGA ablation end to end: train, export, evaluate (ablation.py)
+
+Shared parts: eval records -> queries (queries.py), retrieved texts from the retrieval join
+(retrieved.py), prompts built by the training code and greedy generation (generation.py), refusal
+judges (judge.py), the common command line (cli.py). docs/evaluation.md explains the whole.
+"""
