@@ -54,6 +54,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Signals that mean "checkpoint at the next step boundary and exit 0" (Slurm: --signal=B:USR1@…).
     preemption_signals: list[str] = dataclasses.field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # Peak dense TFLOP/s of one device for the logged MFU; None: known CUDA devices (A100, H100,
+    # H200, ...) by name, no MFU elsewhere. See pipeline/train/flops.py for what counts as model FLOPs.
+    peak_tflops: float | None = None
 
     def __post_init__(self):
         if "llm" in self.trainable and self.caption_target_cache:

@@ -26,6 +26,7 @@ from pipeline.train import engine as ds_engine
 from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.config import TrainConfig
 from pipeline.train.distributed import any_rank, barrier, mean_over_ranks
+from pipeline.train.flops import StepFlops, peak_flops_per_device
 from pipeline.train.metrics import StepMeter
 from pipeline.train.plots import layer_cosine_figure, save_png
 from pipeline.train.preemption import PreemptionFlag, requeue_if_slurm, signal_names
@@ -122,7 +123,7 @@ def train(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> int:
         _truncate_jsonl(run_dir / "metrics.jsonl", keep_before_step=state.step + 1)
     batches = iter(loader)
     batches_this_epoch, fresh_epoch = 0, restored is None  # a resumed epoch may already be spent
-    meter = StepMeter()
+    meter = StepMeter(StepFlops.of(engine.module), peak_flops_per_device(engine.device, cfg.peak_tflops))
     history: list = []  # (step, {layer: cosine}) for the alignment plot
     exit_reason = "finished"
     engine.train()
@@ -150,10 +151,11 @@ def train(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> int:
             continue
         batches_this_epoch += 1
         batch = _to_device(batch, engine.device)
+        forwards = targets.forwards
         loss, parts = tga_forward(engine, batch, targets, state.step / total_steps, cfg.tga, use_tga)
         engine.backward(loss)
         engine.step()
-        meter.micro(batch, parts)
+        meter.micro(batch, parts, caption_forward=targets.forwards > forwards)
         state.samples += len(batch["keys"])
         with ledger.open("a") as f:
             f.write(json.dumps({"step": state.step, "keys": batch["keys"]}) + "\n")

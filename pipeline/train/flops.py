@@ -1,0 +1,82 @@
+"""Model FLOPs of a TGA step, from the model's configuration and the batch's real token counts.
+
+MFU = these FLOPs per second / (ranks × the accelerator's peak). The count is what the step has to
+compute, not what a 6N rule of thumb says: a matmul costs 2 FLOPs per weight per token forward,
+backward costs 2 more for the input gradients and 2 more for the weight gradients of weights that
+train. So a frozen LLM that only passes gradients through to the projector (stage 1) costs 4N per
+token, a training one (stage 2) 6N; the frozen vision tower has no backward at all. Causal attention
+adds 2·L·d·n² per sequence of n tokens forward (QKᵀ and AV, half the square), times 2 more for its
+input gradients. Padding is not counted: it is work, not model FLOPs. Activation recomputation is
+not counted either (MFU, not HFU). The TGA text forward is a no-grad forward over the caption tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Dense bf16 peak per device (no sparsity), by name as torch reports it.
+_PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10", 125.0))
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    llm_params: int        # language model matmul weights (embedding lookup excluded, lm_head included)
+    llm_layers: int
+    llm_hidden: int
+    llm_trains: bool
+    vision_params: int
+    vision_layers: int
+    vision_hidden: int
+    vision_tokens: int     # patch tokens (+ class token) the tower runs per image
+    projector_params: int
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> StepFlops:
+        """From a LlavaForConditionalGeneration (ZeRO-3 partitioned or not)."""
+        config = model.config
+        text, vision = config.text_config, config.vision_config
+
+        def count(module, skip=()):
+            return sum(getattr(p, "ds_numel", p.numel()) for n, p in module.named_parameters()
+                       if not any(s in n for s in skip))
+
+        llm = model.model.language_model
+        embed = model.get_input_embeddings()
+        lm_head = model.get_output_embeddings()
+        tied = lm_head is not None and lm_head.weight is embed.weight
+        llm_params = count(llm, skip=("embed_tokens",))
+        if lm_head is not None:
+            llm_params += getattr(lm_head.weight, "ds_numel", lm_head.weight.numel()) if not tied else \
+                getattr(embed.weight, "ds_numel", embed.weight.numel())
+        return cls(
+            llm_params=llm_params, llm_layers=text.num_hidden_layers, llm_hidden=text.hidden_size,
+            llm_trains=any(p.requires_grad for p in llm.parameters()),
+            vision_params=count(model.model.vision_tower, skip=("embeddings",)),
+            vision_layers=vision.num_hidden_layers, vision_hidden=vision.hidden_size,
+            vision_tokens=(vision.image_size // vision.patch_size) ** 2 + 1,
+            projector_params=count(model.model.multi_modal_projector))
+
+    def step(self, seq_lens: list[int], images: int, caption_lens: list[int] = ()) -> float:
+        """FLOPs of one micro-step: sequences of `seq_lens` real tokens (image tokens included),
+        `images` through the tower and projector, the no-grad caption forward over `caption_lens`."""
+        llm_passes = 6 if self.llm_trains else 4  # 2 forward + 2 input grads (+ 2 weight grads)
+        tokens = sum(seq_lens)
+        attention = 2 * self.llm_layers * self.llm_hidden * sum(n * n for n in seq_lens)
+        flops = llm_passes * self.llm_params * tokens + 3 * attention  # attention: forward + input grads
+        vision_attention = 4 * self.vision_layers * self.vision_hidden * self.vision_tokens ** 2  # not causal
+        flops += images * (2 * self.vision_params * self.vision_tokens + vision_attention)
+        flops += 6 * self.projector_params * images * (self.vision_tokens - 1)
+        flops += 2 * self.llm_params * sum(caption_lens)
+        flops += 2 * self.llm_layers * self.llm_hidden * sum(n * n for n in caption_lens)
+        return float(flops)
+
+
+def peak_flops_per_device(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """Peak dense bf16 FLOP/s of one device: the override, else by CUDA device name; None if unknown."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in _PEAK_TFLOPS if key in name), None)

@@ -1,0 +1,72 @@
+"""Model FLOPs per step (what MFU is computed from) agree with the configuration, by hand."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.data.encode import collate
+from pipeline.model.assemble import ModelConfig, apply_freeze, build_llava
+from pipeline.train.flops import StepFlops, peak_flops_per_device
+from pipeline.train.metrics import StepMeter
+
+
+@pytest.fixture(scope="module")
+def assembled(tiny_world):
+    return build_llava(ModelConfig(llm=tiny_world.llm, vision_tower=tiny_world.clip))
+
+
+def llama_matmul_params(text) -> int:
+    """Weights a token multiplies through in a Llama decoder, from the config alone."""
+    d, i, heads, kv = text.hidden_size, text.intermediate_size, text.num_attention_heads, text.num_key_value_heads
+    head_dim = getattr(text, "head_dim", None) or d // heads
+    attention = d * heads * head_dim + 2 * d * kv * head_dim + heads * head_dim * d
+    norms = 2 * d
+    return text.num_hidden_layers * (attention + 3 * d * i + norms) + d + text.vocab_size * d
+
+
+def test_parameter_counts_follow_the_config(assembled):
+    model = assembled.model
+    apply_freeze(model, ["projector"])
+    flops = StepFlops.of(model)
+    assert flops.llm_params == llama_matmul_params(model.config.text_config)
+    vision = model.config.vision_config
+    assert flops.vision_tokens == (vision.image_size // vision.patch_size) ** 2 + 1
+    assert flops.projector_params == sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    assert not flops.llm_trains
+    apply_freeze(model, ["projector", "llm"])
+    try:
+        assert StepFlops.of(model).llm_trains
+    finally:
+        apply_freeze(model, ["projector"])
+
+
+def test_step_flops_count_weights_attention_and_the_frozen_parts_by_hand():
+    flops = StepFlops(llm_params=1000, llm_layers=2, llm_hidden=8, llm_trains=False, vision_params=100,
+                      vision_layers=1, vision_hidden=4, vision_tokens=5, projector_params=10)
+    # frozen LLM: 4 FLOPs per weight per token; causal attention 2·L·d·n² forward, x3 with grads
+    assert flops.step([3, 2], images=0) == 4 * 1000 * 5 + 3 * 2 * 2 * 8 * (9 + 4)
+    trains = StepFlops(**{**flops.__dict__, "llm_trains": True})
+    assert trains.step([3], 0) - flops.step([3], 0) == 2 * 1000 * 3  # weight gradients
+    image = 2 * 100 * 5 + 4 * 1 * 4 * 25 + 6 * 10 * 4  # tower forward (+ attention) and projector
+    assert flops.step([3], images=1) - flops.step([3], 0) == image
+    caption = 2 * 1000 * 4 + 2 * 2 * 8 * 16  # no-grad text forward of a 4-token caption
+    assert flops.step([3], 0, caption_lens=[4]) - flops.step([3], 0) == caption
+
+
+def test_meter_reports_tflops_and_mfu_against_the_given_peak(assembled):
+    text = type("T", (), {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "image_span": None,
+                          "retrieved_span": None, "caption_input_ids": [], "caption_span": None})()
+    sample = type("E", (), {"key": "k", "text": text, "pixel_values": None})()
+    meter = StepMeter(StepFlops.of(assembled.model), peak_flops=1e9)
+    for packed in (False, True):
+        meter.micro(collate([sample, sample], pad_id=0, packed=packed), {})
+    report = meter.report()
+    assert meter.tokens == 12
+    assert report["model_tflops_per_second"] > 0
+    assert report["mfu"] == pytest.approx(report["model_tflops_per_second"] * 1e12 / 1e9)
+    assert "mfu" not in StepMeter(StepFlops.of(assembled.model)).report()
+
+
+def test_peak_is_the_override_or_unknown_off_cuda():
+    assert peak_flops_per_device(torch.device("cpu")) is None
+    assert peak_flops_per_device(torch.device("cpu"), override_tflops=100.0) == 1e14
