@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer,
                           LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerBase)
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 TRAINING_FILE = "tga_training.json"  # written by pipeline.export for folders exported from our runs
 _NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f")
@@ -49,7 +49,7 @@ def load_model_folder(path: str | Path, *, require_llava: bool = False, device: 
     if require_llava and not is_llava:
         raise ModelFolderError(f"{path}: model_type '{config.model_type}' is not a Llava model; this tool "
                                "needs images (export the run with `python -m pipeline.export --format hf`)")
-    if not is_llava and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if not is_llava and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:  # registered ones count too
         raise ModelFolderError(f"{path}: unsupported model_type '{config.model_type}'; expected 'llava' "
                                "or a causal language model (llama, mistral, …)")
     tokenizer, processor = _tokenizer_and_processor(path, is_llava)
