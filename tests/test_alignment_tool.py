@@ -118,7 +118,8 @@ def test_cli_reports_into_the_training_run_with_the_training_prompt(llava_dir, s
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    training_run = client.create_run(client.create_experiment("tga-tiny")).info.run_id
+    experiment = client.create_experiment("tga-tiny", artifact_location=(tmp_path / "artifacts").as_uri())
+    training_run = client.create_run(experiment).info.run_id
     exported = shutil.copytree(llava_dir, tmp_path / "export")
     prompt = {"template": "llama2", "insert_retrieved": True, "max_tokens": 512}
     (exported / TRAINING_FILE).write_text(json.dumps({
