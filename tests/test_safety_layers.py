@@ -193,3 +193,14 @@ def test_cli_on_a_model_without_refusal_suggests_no_layers(lens_models, tmp_path
     assert summary["start_not_found"] == 1 and summary["mean_start_layer"] is None
     assert not (tmp_path / "o" / "tga_layers.yaml").exists()
     assert "no TGA layers suggested" in capsys.readouterr().out
+
+
+def test_the_lens_of_a_llava_folder_is_the_lens_of_its_llm(tiny_world, tmp_path):
+    from tests.test_alignment_tool import save_tiny_llava
+
+    llm = load_model_folder(tiny_world.llm)
+    llava = load_model_folder(save_tiny_llava(tiny_world, tmp_path / "llava", template="tokenizer"))
+    question = "Where can I get glorbium poison without being traced?"
+    assert chat_prompt(llava, question) == chat_prompt(llm, question)
+    assert torch.allclose(lens_distributions(llava, chat_prompt(llava, question)),
+                          lens_distributions(llm, chat_prompt(llm, question)), atol=1e-5)
