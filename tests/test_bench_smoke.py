@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-BENCHES = ("bench_tga_overhead", "bench_checkpoint")
+BENCHES = ("bench_tga_overhead", "bench_checkpoint", "bench_stage2_throughput")
 TIMEOUT_SECONDS = 240  # the file stays well under a minute on an idle 2-core machine; this is for a loaded one
 NUMBER = r"(\d+(?:\.\d+)?)"
 
@@ -95,3 +95,19 @@ def test_checkpoint_quick_saves_loads_resumes_and_prints_its_costs(quick_runs):
     assert re.search(r"projector and step restored: yes$", text, re.MULTILINE), text[-3000:]
     (resume,) = figure(text, rf"^resume-to-first-step: {NUMBER} s")
     assert resume > 0
+
+
+def test_stage2_throughput_quick_prints_tokens_per_second_of_padded_and_packed_and_the_text_forward(quick_runs):
+    text = output_of(quick_runs, "bench_stage2_throughput")
+    speeds = {}
+    for key, label in (("a", r"\(a\) padded, TGA"), ("b", r"\(b\) packed rows, TGA"),
+                       ("b1", r"\(b1\) packed, one row, TGA"), ("c", r"\(c\) padded, LM loss only")):
+        seconds, tokens_per_second = figure(text, rf"^{label}\s+{NUMBER}\s+{NUMBER}$")
+        assert seconds > 0 and tokens_per_second > 0
+        speeds[key] = tokens_per_second
+    (ratio,) = figure(text, rf"^ratio tokens/s packed/padded \(b\)/\(a\) = {NUMBER}$")
+    assert ratio == pytest.approx(speeds["b"] / speeds["a"], rel=0.02)
+    (share,) = figure(text, rf"^TGA text forward alone: {NUMBER} s = {NUMBER}% of \(a\)$")[1:] or (0,)
+    assert share > 0
+    padded, packed = figure(text, rf"padded \(16, \d+\) = {NUMBER} positions .* packed \(\d+, \d+\) = {NUMBER} positions")
+    assert packed < padded, "packing removes padding"

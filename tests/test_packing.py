@@ -68,10 +68,12 @@ def test_packed_row_restarts_positions_and_keeps_every_token_once(assembled, sam
     assert packed["pixel_values"].shape[0] == sum(s.pixel_values is not None for s in samples)
 
 
-def test_packed_and_padded_batches_give_the_same_loss_parts_and_gradients(assembled, samples):
+@pytest.mark.parametrize("single_row", [True, False], ids=["one-row-varlen-layout", "rows-for-dense-attention"])
+def test_packed_and_padded_batches_give_the_same_loss_parts_and_gradients(assembled, samples, single_row):
     pad = assembled.tokenizer.pad_token_id
     padded_loss, padded_parts, padded_grads = forward(assembled.model, collate(samples, pad))
-    packed_loss, packed_parts, packed_grads = forward(assembled.model, collate(samples, pad, packed=True))
+    packed = collate(samples, pad, packed=True, single_row=single_row)
+    packed_loss, packed_parts, packed_grads = forward(assembled.model, packed)
     assert float(padded_parts["n_valid"]) == 4 and float(padded_parts["n_pair_valid"]) == 4
     torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-5)
     for name in ("lm", "align", "pair", *(f"cos_layer/{layer}" for layer in LAYERS)):
@@ -103,3 +105,20 @@ def test_attention_does_not_cross_samples_in_a_packed_row(assembled, samples):
         model.train()
     assert not torch.allclose(a[0, :n], b[0, :n])
     torch.testing.assert_close(a[0, n:], b[0, n:], rtol=1e-5, atol=1e-5)
+
+
+def test_rows_for_dense_attention_are_as_long_as_the_longest_sample_and_hold_every_sample_once(assembled, samples):
+    pad = assembled.tokenizer.pad_token_id
+    packed = collate(samples, pad, packed=True, single_row=False)
+    lengths = {s.key: len(s.text.input_ids) for s in samples}
+    assert packed["input_ids"].shape[1] == max(lengths.values())
+    assert packed["input_ids"].shape[0] < len(samples)  # fewer rows than the padded batch
+    assert sorted(packed["keys"]) == sorted(lengths)
+    assert packed["seq_lens"].tolist() == [lengths[k] for k in packed["keys"]]
+    for key, row, (start, end) in zip(packed["keys"], packed["span_rows"].tolist(), packed["image_spans"].tolist()):
+        sample = next(s for s in samples if s.key == key)
+        if sample.text.image_span is not None:  # the span still covers the image tokens
+            image_token = assembled.model.config.image_token_id
+            assert packed["input_ids"][row, start:end].eq(image_token).all()
+    images = [s.pixel_values for k in packed["keys"] for s in samples if s.key == k and s.pixel_values is not None]
+    assert torch.equal(packed["pixel_values"], torch.stack(images)), "images follow the placed order"

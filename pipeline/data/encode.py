@@ -74,11 +74,16 @@ class SampleEncoder:
         return Encoded(sample.key, text, pixels)
 
 
-def collate(samples: list[Encoded], pad_id: int, packed: bool = False) -> dict:
-    """The micro-batch the model sees: right-padded rows, or with `packed` one padding-free row
-    (pipeline.tga.prompt.pack). Images are stacked in the order their tokens appear, which is
-    the order Llava fills image tokens with image features in both layouts."""
-    batch = (pack_text if packed else collate_text)([s.text for s in samples], pad_id)
+def collate(samples: list[Encoded], pad_id: int, packed: bool = False, single_row: bool = True) -> dict:
+    """The micro-batch the model sees: right-padded rows, or with `packed` padding-free rows
+    (pipeline.tga.prompt.pack: one row for flash-attention's varlen kernels, `single_row=False`
+    for dense attention). Images and keys follow the order the samples were placed in, which is
+    the order Llava fills image tokens with image features."""
+    if packed:
+        batch = pack_text([s.text for s in samples], pad_id, single_row=single_row)
+        samples = [samples[i] for i in batch.pop("order")]
+    else:
+        batch = collate_text([s.text for s in samples], pad_id)
     images = [s.pixel_values for s in samples if s.pixel_values is not None]
     batch["pixel_values"] = torch.stack(images) if images else None
     batch["keys"] = [s.key for s in samples]

@@ -129,38 +129,62 @@ def collate(samples: list[EncodedSample], pad_id: int) -> dict[str, torch.Tensor
     }
 
 
-def pack(samples: list[EncodedSample], pad_id: int) -> dict[str, torch.Tensor | None]:
-    """Padding-free micro-batch: every sample concatenated into one row, no pad token at all.
+def pack(samples: list[EncodedSample], pad_id: int, single_row: bool = True) -> dict[str, torch.Tensor | None]:
+    """Padding-free micro-batch: samples concatenated into rows, position ids restarting per sample.
 
-    `position_ids` restart at 0 for each sample and `attention_mask` is None: transformers then
-    keeps attention inside each sample (flash-attention 2: varlen kernels from the position ids;
-    SDPA/eager: a block-diagonal causal mask). Spans are shifted into the row and `span_rows`
-    (all 0) says which row each sample's spans index, so TGA pools the same tokens as in `collate`.
-    The label of each sample's first token is ignored: under the LM's one-token shift it is the
-    target of the previous sample's last position. Captions stay a padded batch (their forward is
-    a separate no-grad pass). `seq_lens` lists the sample lengths in row order.
+    `attention_mask` is None: transformers then keeps attention inside each sample (flash-attention
+    2: varlen kernels from the position ids, which needs `single_row`; SDPA/eager: a block-diagonal
+    causal mask). Without `single_row`, samples go first-fit-decreasing into rows as long as the
+    longest sample, so a dense masked attention costs no more than the padded batch did; the few
+    pad tokens that end a row form a segment of their own with ignored labels.
+    `order` lists the samples in the order they were placed (row by row): spans, captions and
+    `span_rows` follow it, and so must images and keys. The label of each sample's first token is
+    ignored: under the LM's one-token shift it is the target of the previous sample's last position.
     """
-    offsets, position_ids, labels, input_ids = [], [], [], []
-    for sample in samples:
-        offsets.append(len(input_ids))
-        input_ids += sample.input_ids
-        labels += [IGNORE_INDEX] + sample.labels[1:]
-        position_ids += range(len(sample.input_ids))
+    lengths = [len(s.input_ids) for s in samples]
+    if single_row:
+        rows = [list(range(len(samples)))]
+    else:
+        rows, room = [], []
+        for index in sorted(range(len(samples)), key=lambda i: -lengths[i]):  # stable
+            row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+            if row is None:
+                rows.append([]), room.append(max(lengths))
+                row = len(rows) - 1
+            rows[row].append(index)
+            room[row] -= lengths[index]
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    order, span_rows, offsets = [], [], []
+    input_ids, labels, position_ids = [], [], []
+    for r, row in enumerate(rows):
+        ids, labs, pos = [], [], []
+        for index in row:
+            sample = samples[index]
+            order.append(index), span_rows.append(r), offsets.append(len(ids))
+            ids += sample.input_ids
+            labs += [IGNORE_INDEX] + sample.labels[1:]
+            pos += range(len(sample.input_ids))
+        fill = width - len(ids)
+        input_ids.append(ids + [pad_id] * fill)
+        labels.append(labs + [IGNORE_INDEX] * fill)
+        position_ids.append(pos + list(range(fill)))
+    placed = [samples[i] for i in order]
 
     def shifted(values: list[Span | None]) -> torch.Tensor:
         return torch.tensor([(v[0] + o, v[1] + o) if v is not None else (0, 0)
                              for v, o in zip(values, offsets)], dtype=torch.long)
 
-    captions = collate(samples, pad_id)
+    captions = collate(placed, pad_id)
     return {
-        "input_ids": torch.tensor([input_ids], dtype=torch.long),
+        "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "attention_mask": None,
-        "position_ids": torch.tensor([position_ids], dtype=torch.long),
-        "labels": torch.tensor([labels], dtype=torch.long),
-        "image_spans": shifted([s.image_span for s in samples]),
-        "retrieved_spans": shifted([s.retrieved_span for s in samples]),
-        "span_rows": torch.zeros(len(samples), dtype=torch.long),
-        "seq_lens": torch.tensor([len(s.input_ids) for s in samples], dtype=torch.long),
+        "position_ids": torch.tensor(position_ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "image_spans": shifted([s.image_span for s in placed]),
+        "retrieved_spans": shifted([s.retrieved_span for s in placed]),
+        "span_rows": torch.tensor(span_rows, dtype=torch.long),
+        "seq_lens": torch.tensor([lengths[i] for i in order], dtype=torch.long),
+        "order": order,
         **{k: v for k, v in captions.items() if k.startswith("caption_")},
     }
 

@@ -74,8 +74,11 @@ def train(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> int:
                             max_tokens=cfg.prompt.max_tokens,
                             pad_to_square=cfg.model.pad_to_square, image_token=cfg.model.image_token)
     pad_id = assembled.tokenizer.pad_token_id
+    # flash-attention's varlen path takes one packed row; dense attention prefers several short ones
+    attention = assembled.model.config.text_config._attn_implementation
     loader = build_loader(cfg.shards, rank=rank, world_size=world, cfg=cfg.loader, encode=encoder,
-                          collate=functools.partial(collate, pad_id=pad_id, packed=cfg.loader.packing),
+                          collate=functools.partial(collate, pad_id=pad_id, packed=cfg.loader.packing,
+                                                    single_row=attention == "flash_attention_2"),
                           seed=cfg.seed)
     steps_per_epoch = batches_per_epoch(cfg.shards, world, cfg.loader) // cfg.optim.grad_accum
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
