@@ -1,0 +1,106 @@
+"""The ablation runner: resuming, stopping on a step that did not finish, the results table, and
+(slow) ablation iv's evaluation path for real: corpus without toxic texts -> caption index ->
+retrieval join of the eval file -> DSR reading the join's shards."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import load_config
+from pipeline.eval import dsr
+from pipeline.eval.ablation import AblationConfig, Step, main, plan, results, run, table
+from pipeline.eval.corpus_filter import main as corpus_filter
+from tests.tiny_llava import build_tiny_llava
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _touch(path: Path) -> list[str]:
+    return [sys.executable, "-c", f"import pathlib; pathlib.Path({str(path)!r}).write_text('x')"]
+
+
+def test_steps_whose_products_exist_are_skipped_and_the_others_run_in_order(tmp_path, capsys):
+    done, first, second = tmp_path / "done", tmp_path / "first", tmp_path / "second"
+    done.write_text("x")
+    run([Step("skipped", [sys.executable, "-c", "raise SystemExit(3)"], skip_if=(done,)),
+         Step("first", _touch(first), produces=first), Step("second", _touch(second), skip_if=(second,))])
+    assert first.exists() and second.exists()
+    out = capsys.readouterr().out
+    assert "[ablation 1/3] skipped: done already" in out and "[ablation 3/3] second: " in out
+
+
+def test_a_failing_step_or_one_that_ends_without_its_product_stops_the_ablation(tmp_path):
+    with pytest.raises(SystemExit, match=r"\[ablation 1/2\] broken failed \(exit 3\)"):
+        run([Step("broken", [sys.executable, "-c", "raise SystemExit(3)"]), Step("never", _touch(tmp_path / "x"))])
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit, match="stage1 ended without writing .*projector.safetensors \\(preempted\\?\\)"):
+        run([Step("stage1", [sys.executable, "-c", "pass"], produces=tmp_path / "projector.safetensors")])
+
+
+def test_dry_run_prints_every_command_and_runs_none(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    main(["configs/ablations/tiny/i_plain_llava.yaml", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "CONFIG=configs/tiny/stage1.yaml bash launch/stage1.sh prompt.insert_retrieved=false" in out
+    assert "pipeline.eval.dsr --model work/ablations/i_plain_llava/export/hf" in out
+    assert not (REPO / "work" / "ablations" / "i_plain_llava" / "runs").exists()
+
+
+def test_table_lines_up_the_headline_numbers_of_finished_ablations(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    cfg = load_config(AblationConfig, "configs/ablations/tiny/iii_tga.yaml", [f"eval_dir={tmp_path}"])
+    (tmp_path / "dsr").mkdir()
+    (tmp_path / "dsr" / "summary.json").write_text(json.dumps({"dsr": {"image": 0.5, "text": 1.0, "gap": 0.5}}))
+    assert results(cfg) == {"ablation": "iii_tga", "dsr_image": 0.5, "dsr_text": 1.0, "dsr_gap": 0.5,
+                            "exact_match": None, "token_f1": None}
+    assert table([results(cfg)]).splitlines()[2] == "| iii_tga | 0.500 | 1.000 | 0.500 | — | — |"
+
+
+def test_corpus_filter_drops_rows_marked_toxic_and_snippet_texts(tiny_world, tmp_path):
+    snippets = tmp_path / "snippets.txt"
+    first_scene = pq.read_table(tiny_world.captions).to_pylist()[0]["text"]
+    snippets.write_text(first_scene + "\n")
+    dropped = corpus_filter(["--captions", str(tiny_world.captions), "--toxic-snippets", str(snippets),
+                             "--out", str(tmp_path / "clean.parquet")])
+    before = pq.read_table(tiny_world.captions).to_pylist()
+    after = pq.read_table(tmp_path / "clean.parquet").to_pylist()
+    assert dropped == sum(r["toxic"] for r in before) + 1 == len(before) - len(after)
+    assert not any(r["toxic"] for r in after) and first_scene not in {r["text"] for r in after}
+
+
+@pytest.mark.slow
+def test_ablation_iv_retrieves_for_eval_images_from_an_index_without_toxic_texts(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    python = REPO / ".retrieval-venv" / "bin" / "python"
+    if not python.exists():
+        pytest.fail(f"{python} is missing: run `make retrieval-env` (the retrieval stages need it)")
+    clip = [f"clip_model=hf_clip:{tiny_world.clip}", f"retrieval_python={python}"]
+    cfg = load_config(AblationConfig, "configs/ablations/tiny/iv_no_toxic_index.yaml", [
+        "tiny_world=null", f"train_dir={tmp_path / 'train'}", f"eval_dir={tmp_path / 'eval'}",
+        f"eval.toxic={tiny_world.toxic_images_json}", f"eval.benign={tiny_world.benign_vqa_json}",
+        f"eval.index_dir={tmp_path / 'eval' / 'index_no_toxic'}",
+        f"eval.join.overrides={json.dumps([*clip, f'caption_map={tiny_world.image_captions}'])}",
+        f"no_toxic_index.captions={tiny_world.captions}", f"no_toxic_index.toxic_snippets={tiny_world.toxic_snippets}",
+        f"no_toxic_index.index.overrides={json.dumps(clip)}"])
+    steps = {s.name: s for s in plan(cfg)}
+    run([steps[name] for name in ("corpus without toxic texts", "caption_index without toxic texts",
+                                  "retrieval_join dsr data")])
+    index_stats = json.loads((cfg.eval.index_dir / "stats.json").read_text())
+    assert index_stats["counts"]["toxic"] == 0 and index_stats["counts"]["indexed"] > 2000
+
+    model = build_tiny_llava(tiny_world, tmp_path / "llava", insert_retrieved=True)
+    out = tmp_path / "eval" / "dsr"
+    dsr.main(["--model", str(model), "--data", str(tiny_world.toxic_images_json), "--out", str(out),
+              "--retrieved", str(tmp_path / "eval" / "retrieved" / "dsr"), "--limit", "4", "--max-new-tokens", "4",
+              "--no-mlflow"])
+    corpus = {r["text"] for r in pq.read_table(tmp_path / "eval" / "captions_no_toxic.parquet").to_pylist()}
+    images = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()
+              if json.loads(line)["modality"] == "image"]
+    assert len(images) == 4
+    for row in images:
+        retrieved = row["prompt"].split("Retrieved Text: ", 1)[1].split(". <image>", 1)[0]
+        assert retrieved in corpus, row["id"]
