@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+from transformers import AutoTokenizer
 
 from pipeline.eval import ability
 from pipeline.eval.generation import Generation
@@ -58,10 +60,14 @@ def test_records_without_a_reference_answer_are_refused(tiny_world):
                                 source="f.json", retrieved=None)
 
 
-def test_cli_scores_a_tiny_llava_folder_and_logs_a_run_of_its_own(tiny_world, tmp_path):
+@pytest.fixture(scope="module")
+def model(tiny_world, tmp_path_factory):
+    return build_tiny_llava(tiny_world, tmp_path_factory.mktemp("ability") / "llava", insert_retrieved=False)
+
+
+def test_cli_scores_a_tiny_llava_folder_and_logs_a_run_of_its_own(tiny_world, model, tmp_path):
     from mlflow import MlflowClient
 
-    model = build_tiny_llava(tiny_world, tmp_path / "llava", insert_retrieved=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "ability"
     summary = ability.main(["--model", str(model), "--data", str(tiny_world.benign_vqa_json), "--out", str(out),
@@ -78,3 +84,20 @@ def test_cli_scores_a_tiny_llava_folder_and_logs_a_run_of_its_own(tiny_world, tm
     assert run.data.metrics["token_f1"] == pytest.approx(summary["token_f1"])
     assert "count/exact_match" in run.data.metrics and run.data.params["samples"] == "7"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"samples.jsonl", "summary.json"}
+
+
+def test_cli_refuses_a_folder_whose_tokenizer_is_not_the_models(tiny_world, model, tmp_path):
+    folder = tmp_path / "mismatched"
+    shutil.copytree(model, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(40)])
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(SystemExit, match="ability error: .*the tokenizer has .* tokens but the model embeds only"):
+        ability.main(["--model", str(folder), "--data", str(tiny_world.benign_vqa_json), "--out", str(tmp_path / "o"),
+                      "--no-mlflow"])
+
+
+def test_cli_refuses_a_folder_that_is_not_a_llava_model(tiny_world, tmp_path):
+    with pytest.raises(SystemExit, match="ability error: .*model_type 'llama' is not a Llava model"):
+        ability.main(["--model", str(tiny_world.llm), "--data", str(tiny_world.benign_vqa_json), "--out",
+                      str(tmp_path), "--no-mlflow"])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from pipeline.config import load_config
 from pipeline.eval import dsr
@@ -41,13 +42,17 @@ def test_a_failing_step_or_one_that_ends_without_its_product_stops_the_ablation(
         run([Step("stage1", [sys.executable, "-c", "pass"], produces=tmp_path / "projector.safetensors")])
 
 
-def test_dry_run_prints_every_command_and_runs_none(capsys, monkeypatch):
+def test_dry_run_prints_every_command_and_runs_none(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
-    main(["configs/ablations/tiny/i_plain_llava.yaml", "--dry-run"])
+    spec = yaml.safe_load((REPO / "configs/ablations/tiny/i_plain_llava.yaml").read_text())
+    spec.update(tiny_world=str(tmp_path / "world"), train_dir=str(tmp_path / "train"), eval_dir=str(tmp_path / "eval"))
+    (tmp_path / "ablation.yaml").write_text(yaml.safe_dump(spec))
+    main([str(tmp_path / "ablation.yaml"), "--dry-run"])
     out = capsys.readouterr().out
+    assert f"pipeline.tinyworld --out {tmp_path / 'world'}" in out
     assert "CONFIG=configs/tiny/stage1.yaml bash launch/stage1.sh prompt.insert_retrieved=false" in out
-    assert "pipeline.eval.dsr --model work/ablations/i_plain_llava/export/hf" in out
-    assert not (REPO / "work" / "ablations" / "i_plain_llava" / "runs").exists()
+    assert f"pipeline.eval.dsr --model {tmp_path / 'train' / 'export' / 'hf'}" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ablation.yaml"]
 
 
 def test_table_lines_up_the_headline_numbers_of_finished_ablations(tmp_path, monkeypatch, capsys):
