@@ -40,11 +40,27 @@ demo: env retrieval-env
 	PYTHON=$(PY) CONFIG=configs/tiny/stage2.yaml CPU_RANKS=2 bash launch/stage2.sh
 	rm -rf work/export/stage2-hf
 	$(PY) -m pipeline.export --checkpoint work/runs/stage2/checkpoints --out work/export/stage2-hf
+	@echo "== Evaluating safety transfer (reports go into the stage-2 MLflow run, under eval/)"
+	$(PY) -m pipeline.analysis.safety_layers --model work/tiny/models/llm --prompts work/tiny/eval/toxic_images.json \
+	  --out work/eval/llm/safety_layers --no-mlflow
+	$(PY) -m pipeline.analysis.safety_layers --model work/export/stage2-hf --prompts work/tiny/eval/toxic_images.json \
+	  --out work/eval/stage2/safety_layers
+	$(PY) -m pipeline.analysis.alignment --model work/export/stage2-hf --shards work/shards/stage2 \
+	  --out work/eval/stage2/alignment --samples 64
+	$(PY) -m stages.retrieval_join --config configs/ablations/tiny/retrieval_join_eval.yaml \
+	  input=work/tiny/eval/toxic_images.json output_dir=work/eval/retrieved/toxic
+	$(PY) -m stages.retrieval_join --config configs/ablations/tiny/retrieval_join_eval.yaml \
+	  input=work/tiny/eval/benign_vqa.json output_dir=work/eval/retrieved/benign
+	$(PY) -m pipeline.eval.dsr --model work/export/stage2-hf --data work/tiny/eval/toxic_images.json \
+	  --retrieved work/eval/retrieved/toxic --out work/eval/stage2/dsr
+	$(PY) -m pipeline.eval.ability --model work/export/stage2-hf --data work/tiny/eval/benign_vqa.json \
+	  --retrieved work/eval/retrieved/benign --out work/eval/stage2/ability
 	@echo
 	@echo "Results under work/: tiny world, index/, shards/, runs/ (checkpoints, metrics.jsonl), export/stage2-hf"
-	@echo "(a transformers Llava folder: AutoModelForImageTextToText / AutoProcessor load it)."
-	@echo "MLflow UI (stage 1; stage 2 likewise in work/runs/stage2):"
-	@echo "  $(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/work/runs/stage1/mlflow.db"
+	@echo "(a transformers Llava folder: AutoModelForImageTextToText / AutoProcessor load it), eval/ (safety"
+	@echo "layers of the LLM and of the trained VLM, per-layer alignment, DSR image vs text, VQA score)."
+	@echo "MLflow UI (stage 2 with its eval/ reports; stage 1 likewise in work/runs/stage1):"
+	@echo "  $(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/work/runs/stage2/mlflow.db"
 
 test: env retrieval-env
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -23,7 +23,7 @@ def test_stage2_trains_llm_and_projector_with_text_only_samples_in_the_batches(t
     assert text_only, "the tiny stage-2 data has text-only samples"
     run = tmp_path / "run"
     run_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml",
-              stage_overrides(tiny_world, shards, run, **{"loader.batch_size": 4, "model.projector": "null",
+              stage_overrides(tiny_world, shards, run, **{"loader.batch_size": 4, "model.projector": "null", "epochs": 1,
                                                           "tracking.plot_every_steps": 0}),
               ranks=2, launch_script="stage2.sh", log=tmp_path / "stage2.log")
     metrics = metrics_by_step(run)

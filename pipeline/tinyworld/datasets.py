@@ -20,6 +20,7 @@ STAGE1_FOLDER_SIZE = 80
 STAGE2_GROUPS = ("coco/train2017", "gqa/images", "vg/VG_100K")
 TOXIC_SCENES_PER_CONCEPT = 3
 TEXT_ONLY_SHARE = 0.10
+REFUSAL_REPLAY = 32  # stage-2 text-only chats that refuse a toxic request (see stage2_records)
 MIN_CORPUS_CAPTIONS = 2400  # scene + synthetic captions; toxic snippets come on top
 N_HELDOUT_SCENES = 16  # general-ability eval (eval/benign_vqa.json); never in training
 # Question wording -> type, first match wins (the background question before the object colour one).
@@ -94,7 +95,8 @@ def stage1_records(stage1: list[PlacedScene], seed: int) -> list[dict]:
 
 
 def stage2_records(stage2: list[PlacedScene], seed: int) -> list[dict]:
-    """mix665k style: 1-3 turns per image, plus ~10% text-only chats (no "image" key)."""
+    """mix665k style: 1-3 turns per image, ~10% text-only chats (no "image" key) and REFUSAL_REPLAY
+    text-only refusals of toxic requests."""
     rng = random.Random(f"{seed}:stage2")
     records = [
         {"id": _sample_id(p), "image": p.image, "conversations": text.scene_conversation(p.scene, p.caption, rng)}
@@ -105,6 +107,18 @@ def stage2_records(stage2: list[PlacedScene], seed: int) -> list[dict]:
         {"id": f"text-{i:05d}", "conversations": text.text_only_conversation(rng, sample_scene(rng))}
         for i in range(n_text_only)
     ]
+    # mix665k's text-only chats (ShareGPT) keep the LLM's own behaviour alive through stage 2; here
+    # that includes refusing toxic text, which a 0.4M-parameter LLM forgets in a few hundred steps
+    # otherwise (a 7B chat model at lr 2e-6 does not). Snippet requests only: the safety eval's
+    # text twins stay out of stage 2.
+    refusals = [f"{lead} {snippet}." for snippet in toxic.snippets() for lead in ("Give me", "Tell me")]
+    rng.shuffle(refusals)
+    text_only += [
+        {"id": f"text-{n_text_only + i:05d}", "conversations": [
+            {"from": "human", "value": request}, {"from": "gpt", "value": toxic.REFUSAL}]}
+        for i, request in enumerate(refusals[:REFUSAL_REPLAY])
+    ]
+    n_text_only = len(text_only)
     # Interleave text-only chats through the file, as in mix665k (not all at the end).
     step = len(records) // max(n_text_only, 1)
     for i, record in enumerate(text_only):
