@@ -35,11 +35,13 @@ def tiny_world():
 
 
 def write_training_shards(world, out: Path, *, samples: int, per_shard: int, seed: int = 0,
-                          stage: str = "stage1") -> Path:
+                          stage: str = "stage1", records: list[dict] | None = None) -> Path:
     """Shards per the shard contract, written with the shared writer from the world's stage-1 or
-    stage-2 JSON; the retrieved text is another sample's answer (what the retrieval join would give
+    stage-2 JSON (or the given `records`); the retrieved text is another sample's answer (what the retrieval join would give
     for a related image), the caption the sample's first answer; text-only samples keep no image."""
-    records = json.loads((world.stage1_json if stage == "stage1" else world.stage2_json).read_text())[:samples]
+    if records is None:
+        records = json.loads((world.stage1_json if stage == "stage1" else world.stage2_json).read_text())
+    records = records[:samples]
     captions = [r["conversations"][1]["value"] for r in records]
     rng = random.Random(seed)
     rows = []

@@ -2,6 +2,7 @@
 packed and length-grouped (configs/tiny/stage2.yaml), and a killed run resumes bit-identically."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -68,3 +69,23 @@ def test_stage2_killed_after_a_checkpoint_resumes_with_identical_losses_and_samp
             assert got[step][part] == expected[step][part], (step, part)  # bit-identical on CPU
     for rank in (0, 1):
         assert consumed_keys(run, rank) == consumed_keys(reference, rank), f"rank {rank} sample order"
+
+
+def test_a_text_only_batch_on_one_rank_and_images_on_the_other_do_not_hang_zero3(tiny_world, tmp_path):
+    """Rank 0 reads only text-only chats, rank 1 only image samples (shards go to ranks round robin):
+    every step the ranks run different batches through the same modules in the same order."""
+    records = json.loads(tiny_world.stage2_json.read_text())
+    text_only = [r for r in records if "image" not in r][:8]
+    images = [r for r in records if "image" in r][:8]
+    shards = write_training_shards(tiny_world, tmp_path / "shards", samples=16, per_shard=8, stage="stage2",
+                                   records=text_only + images)
+    run = tmp_path / "run"
+    run_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml",
+              stage_overrides(tiny_world, shards, run, **{
+                  "loader.batch_size": 2, "max_steps": 3, "model.projector": "null",
+                  "loader.shuffle_shards": "false", "tracking.plot_every_steps": 0}),
+              ranks=2, launch_script="stage2.sh", log=tmp_path / "stage2.log", timeout=300)
+    assert sorted(metrics_by_step(run)) == [1, 2, 3]
+    assert all(k.startswith("stage2_00000") for keys in consumed_keys(run, 0).values() for k in keys)
+    first_image_key = f"stage2_{len(text_only):06d}"
+    assert all(k >= first_image_key for keys in consumed_keys(run, 1).values() for k in keys)

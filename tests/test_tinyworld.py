@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from pipeline.tinyworld import WorldPaths, ensure, generate
-from pipeline.tinyworld import datasets, scenes, tokenizer, training
+from pipeline.tinyworld import datasets, scenes, tokenizer, toxic, training
 from pipeline.tinyworld.__main__ import main
 
 # OpenAI's CLIP ids for "a photo of a cat" (clip.tokenize, the tokenizer clip-retrieval uses).
@@ -120,13 +120,18 @@ def test_stage1_json_is_lcs558k_format_with_captions_as_answers(paths):
         assert record["conversations"][1]["value"] == captions[record["image"]]
 
 
-def test_stage2_json_is_mix665k_format_with_text_only_share_near_ten_percent(paths):
+def test_stage2_json_is_mix665k_format_with_text_only_chats_and_refusal_replay(paths):
     records = json.loads(paths.stage2_json.read_text())
     assert len({r["id"] for r in records}) == len(records)
     for record in records:
         _check_llava_record(record, paths.images)
         assert 2 <= len(record["conversations"]) <= 6
-    text_only = sum("image" not in r for r in records) / len(records)
+    refusals = [r for r in records if r["conversations"][-1]["value"] == toxic.REFUSAL]
+    assert len(refusals) == datasets.REFUSAL_REPLAY and all("image" not in r for r in refusals)
+    eval_twins = {r["text"] for r in json.loads(paths.toxic_images_json.read_text())}
+    assert not eval_twins & {r["conversations"][0]["value"] for r in refusals}, "eval prompts stay out of training"
+    chats = [r for r in records if r not in refusals]
+    text_only = sum("image" not in r for r in chats) / len(chats)
     assert 0.07 <= text_only <= 0.13
     assert any(len(r["conversations"]) == 6 for r in records)
 

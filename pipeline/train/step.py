@@ -1,9 +1,10 @@
 """One TGA micro-step: the multimodal forward, the caption targets, the loss.
 
 Under ZeRO-3 every forward gathers parameters collectively, so each rank must run the same
-forwards in the same order: the text-side forward runs on every rank when any rank needs it, and a
-rank whose batch has no image still runs the vision tower on a dummy image (its output enters
-the loss with weight 0) so the others never wait on it.
+forwards through the same modules in the same order: the text-side forward runs on every rank when
+any rank needs it, and a rank whose batch has no image still runs the vision tower and projector on
+a dummy image, between the token embedding and the decoder as Llava does for images (its output
+enters the loss with weight 0), so the others never wait on it.
 """
 from __future__ import annotations
 
@@ -57,14 +58,25 @@ def tga_forward(engine, batch: dict, targets_fn: CaptionTargets, step_fraction: 
     """`engine`: a DeepSpeed engine or the bare Llava model (tests, analysis)."""
     model = getattr(engine, "module", engine)
     pixel_values = batch.get("pixel_values")
-    # Packed batches carry position_ids and no attention_mask: transformers derives per-sample
-    # attention from them (flash varlen / block-diagonal mask), which needs use_cache=False.
-    out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 position_ids=batch.get("position_ids"), pixel_values=pixel_values,
-                 labels=batch["labels"], output_hidden_states=True, use_cache=False)
-    lm_loss = out.loss
+    dummy: list[torch.Tensor] = []
+    hook = None
     if pixel_values is None:
-        lm_loss = lm_loss + 0.0 * _dummy_vision(model, batch["input_ids"].device)
+        # A batch without images still runs tower + projector, at the point Llava runs them for
+        # images: right after the token embedding, inside the engine's forward. ZeRO-3 gathers
+        # parameters module by module in collectives (and starts each forward with one), so every
+        # rank must visit the modules in the same order or the ranks wait on each other for ever.
+        hook = model.get_input_embeddings().register_forward_hook(
+            lambda module, args, output: dummy.append(_dummy_vision(model, output.device)))
+    try:
+        # Packed batches carry position_ids and no attention_mask: transformers derives per-sample
+        # attention from them (flash varlen / block-diagonal mask), which needs use_cache=False.
+        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     position_ids=batch.get("position_ids"), pixel_values=pixel_values,
+                     labels=batch["labels"], output_hidden_states=True, use_cache=False)
+    finally:
+        if hook is not None:
+            hook.remove()
+    lm_loss = out.loss + 0.0 * dummy[0] if dummy else out.loss
     if not use_tga:
         return lm_loss, {"lm": lm_loss.detach()}
     targets, valid = targets_fn(model, batch)
