@@ -30,7 +30,7 @@ from pipeline.analysis.model_folder import LoadedModel, ModelFolderError, load_m
 from pipeline.analysis.report import add_mlflow_arguments, log_report, resolve_target
 from pipeline.data.encode import Encoded, SampleEncoder, collate
 from pipeline.data.shards import SHARD_PREFIX, ShardFormatError, iter_shard
-from pipeline.tga.loss import _COS_EPS, masked_mean, pool_caption_targets
+from pipeline.tga.loss import COS_EPS, masked_mean, pool_caption_targets
 from pipeline.tga.prompt import Rejected
 from pipeline.train.plots import save_png
 
@@ -95,7 +95,7 @@ def layer_cosines(image_hidden_states, image_spans: torch.Tensor, caption_hidden
     rows, image_valid = [], None
     for index, layer in enumerate(layers):
         pooled, image_valid = masked_mean(image_hidden_states[layer], image_spans)
-        rows.append(F.cosine_similarity(pooled, targets[index].to(pooled.device), dim=-1, eps=_COS_EPS))
+        rows.append(F.cosine_similarity(pooled, targets[index].to(pooled.device), dim=-1, eps=COS_EPS))
     return torch.stack(rows), image_valid & caption_valid.to(image_valid.device)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.train.tracking import _bounded_http, _experiment_id, check_key, git_commit, param_strings
+from pipeline.train.tracking import bounded_http, check_key, ensure_experiment, git_commit, param_strings
 
 if TYPE_CHECKING:
     from pipeline.analysis.model_folder import LoadedModel
@@ -87,7 +87,7 @@ def log_report(target: MlflowTarget | None, *, name: str, files: list[Path], met
     if missing:
         raise FileNotFoundError(f"report files to log do not exist: {', '.join(missing)}")
     try:
-        with _bounded_http(_REQUEST_TIMEOUT_SECONDS):
+        with bounded_http(_REQUEST_TIMEOUT_SECONDS):
             run_id = _log(target, name, files, metric_values, param_values)
     except Exception as err:  # the store's problem: the report is on disk already
         log.warning("MLflow at %s: report '%s' not logged (%s: %s); the files stay on disk",
@@ -110,7 +110,7 @@ def _log(target: MlflowTarget, name: str, files: list[Path], metrics: dict[str, 
         tags = [RunTag(check_key("tag", f"{name}.{k}"), v) for k, v in params.items()]
         params_rows = []
     else:
-        experiment_id = _experiment_id(client, target.experiment, _artifact_location(target.tracking_uri),
+        experiment_id = ensure_experiment(client, target.experiment, _artifact_location(target.tracking_uri),
                                        target.tracking_uri)
         run = client.create_run(experiment_id, run_name=name, tags={
             "tga.tool": name, "tga.model": target.model_name, "git_commit": git_commit()})

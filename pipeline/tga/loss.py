@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-_COS_EPS = 1e-8
+COS_EPS = 1e-8  # cosine epsilon shared by the loss and the alignment tool
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,8 @@ def tga_loss(lm_loss: torch.Tensor, image_hidden, image_spans: torch.Tensor,
         image = torch.where(valid[:, None], image_pool(hidden), 0.0)
         retrieved = torch.where(pair_valid[:, None], retrieved_pool(hidden), 0.0)
         target = torch.where(valid[:, None], caption_targets[index].detach().float(), 0.0)  # no-grad
-        cos_image = F.cosine_similarity(image, target, dim=-1, eps=_COS_EPS)  # [B]
-        cos_retrieved = F.cosine_similarity(retrieved, target, dim=-1, eps=_COS_EPS)
+        cos_image = F.cosine_similarity(image, target, dim=-1, eps=COS_EPS)  # [B]
+        cos_retrieved = F.cosine_similarity(retrieved, target, dim=-1, eps=COS_EPS)
         exp_align.append(torch.where(valid, torch.exp(-cos_image), 0.0))
         exp_pair.append(torch.where(pair_valid, torch.exp(cos_retrieved - cos_image), 0.0))
         parts[f"cos_layer/{layer}"] = (torch.where(valid, cos_image, 0.0).sum()

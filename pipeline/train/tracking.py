@@ -6,7 +6,7 @@ explicit run id — no `mlflow.start_run` active-run global — so two trackers 
 write into each other's run.
 
 A tracking server that is down or slow must never stop or stall training. Every MLflow call is
-bounded (see `_bounded_http`) and caught; the first failure of an outage is logged as a warning with
+bounded (see `bounded_http`) and caught; the first failure of an outage is logged as a warning with
 the URI and the error; metrics are buffered and re-sent at most every `retry_interval_seconds`;
 artifacts logged while the server is down are dropped and counted (the files may be rewritten by
 then). Bad *arguments* (invalid metric name, non-numeric value) are our bugs and raise at once.
@@ -117,7 +117,7 @@ def param_strings(params: Mapping[str, Any]) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _bounded_http(timeout_seconds: int) -> Iterator[None]:
+def bounded_http(timeout_seconds: int) -> Iterator[None]:
     """MLflow's HTTP defaults (7 retries with exponential backoff, 120 s timeout) make one call to a
     dead server block for minutes: right for a notebook, wrong inside a training step that 64 GPUs
     wait on. MLflow reads these knobs from the environment at every request, so they are set only
@@ -172,14 +172,14 @@ class Tracker:
         from mlflow import MlflowClient  # imported on rank 0 only: it is slow to import
 
         try:
-            with _bounded_http(cfg.request_timeout_seconds):
+            with bounded_http(cfg.request_timeout_seconds):
                 if embedded:
                     Path(run_dir).mkdir(parents=True, exist_ok=True)
                 client = MlflowClient(tracking_uri=uri)
                 run = _reopen(client, run_id, tag_values, uri) if run_id else None
                 if run is None:
                     artifacts = (Path(run_dir).resolve() / "mlartifacts").as_uri() if embedded else None
-                    experiment_id = _experiment_id(client, cfg.experiment, artifacts, uri)
+                    experiment_id = ensure_experiment(client, cfg.experiment, artifacts, uri)
                     if run_id:
                         tag_values["resumed_from_run_id"] = run_id
                     run = client.create_run(experiment_id, tags=tag_values, run_name=cfg.run_name)
@@ -338,7 +338,7 @@ class Tracker:
         if self._down and time.monotonic() < self._retry_at:
             return "down"
         try:
-            with _bounded_http(self._cfg.request_timeout_seconds):
+            with bounded_http(self._cfg.request_timeout_seconds):
                 call()
         except Exception as err:  # the store's problem, never the training's
             self.failed_calls += 1
@@ -392,7 +392,8 @@ def _reopen(client, run_id: str, tags: dict[str, str], uri: str):
     return run
 
 
-def _experiment_id(client, name: str, artifact_location: str | None, uri: str) -> str:
+def ensure_experiment(client, name: str, artifact_location: str | None, uri: str) -> str:
+    """The id of experiment `name`, created (with `artifact_location`) if missing."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
