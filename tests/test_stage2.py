@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from mlflow.tracking import MlflowClient
 
 from pipeline.train.checkpoint import saved_steps
 from tests.conftest import write_training_shards
+from tests.mlflow_server import mlflow_server
 from tests.stage_runner import consumed_keys, metrics_by_step, run_stage, stage_overrides, start_stage
 from tests.test_resume import steps_done, wait_for
 
@@ -74,12 +77,22 @@ def test_a_text_only_batch_on_one_rank_and_images_on_the_other_do_not_hang_zero3
     shards = write_training_shards(tiny_world, tmp_path / "shards", samples=16, per_shard=8, stage="stage2",
                                    records=text_only + images)
     run = tmp_path / "run"
-    run_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml",
-              stage_overrides(tiny_world, shards, run, **{
-                  "loader.batch_size": 2, "max_steps": 3, "model.projector": "null",
-                  "loader.shuffle_shards": "false", "tracking.plot_every_steps": 0}),
-              ranks=2, launch_script="stage2.sh", log=tmp_path / "stage2.log", timeout=300)
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    with mlflow_server(tmp_path / "mlflow") as server:  # and the run shows on a real tracking server
+        run_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml",
+                  stage_overrides(tiny_world, shards, run, **{
+                      "loader.batch_size": 2, "max_steps": 3, "model.projector": "null",
+                      "loader.shuffle_shards": "false", "tracking.plot_every_steps": 0,
+                      "tracking.tracking_uri": server.uri, "tracking.experiment": "stage2"}),
+                  ranks=2, launch_script="stage2.sh", log=tmp_path / "stage2.log", timeout=300)
+        client = MlflowClient(server.uri)
+        runs = client.search_runs([client.get_experiment_by_name("stage2").experiment_id])
+        assert [r.info.run_name for r in runs] == ["stage2-run"]
+        assert runs[0].data.params["trainable"] == "['projector', 'llm']" and runs[0].data.tags["stage"] == "stage2"
+        for metric in ("lm", "tokens_per_second", "model_tflops_per_second"):
+            assert [m.step for m in client.get_metric_history(runs[0].info.run_id, metric)] == [1, 2, 3], metric
     assert sorted(metrics_by_step(run)) == [1, 2, 3]
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before, "shm buffers leaked"
     assert all(k.startswith("stage2_00000") for keys in consumed_keys(run, 0).values() for k in keys)
     first_image_key = f"stage2_{len(text_only):06d}"
     assert all(k >= first_image_key for keys in consumed_keys(run, 1).values() for k in keys)

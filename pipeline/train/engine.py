@@ -31,9 +31,32 @@ def init_distributed(dev: str) -> tuple[int, int, int]:
     deepspeed.init_distributed(dist_backend="nccl" if dev == "cuda" else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dev != "cuda":
+        torch.distributed.barrier()  # every rank has mapped every peer's buffer by now
+        unlink_shm_buffers(rank)
     if dev == "cuda":
         torch.cuda.set_device(local_rank)
     return rank, local_rank, world
+
+
+def unlink_shm_buffers(rank: int, shm_dir: Path = Path("/dev/shm")) -> list[Path]:
+    """Remove the names of this rank's DeepSpeed CPU allreduce buffers; returns the removed paths.
+
+    DeepSpeed's CPU comm op puts a 66 MB buffer per rank in shared memory
+    (`deepspeed_allreduce_buffer_<uid>_<master addr>_<master port>_<rank>`) and never unlinks it,
+    so every CPU run, finished or killed, left 66 MB per rank in /dev/shm until the machine ran out
+    of memory. Once all ranks have mapped each other's buffers the names are no longer needed:
+    unlinked, the memory stays valid for the running ranks and is freed when the last one exits.
+    """
+    port = os.environ.get("MASTER_PORT", "*")
+    removed = []
+    for path in shm_dir.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
+        try:
+            path.unlink()
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def deepspeed_config(cfg: TrainConfig, dev: str) -> dict:
