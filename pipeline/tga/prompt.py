@@ -106,26 +106,35 @@ def build_sample(tokenizer, conversations: list[dict], *, template: str, image_c
 
 def collate(samples: list[EncodedSample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch; absent spans become (0, 0), which TGA treats as empty."""
-    def pad(rows: list[list[int]], value: int) -> torch.Tensor:
-        width = max(1, max(len(r) for r in rows))
-        return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
-
-    def spans(values: list[Span | None]) -> torch.Tensor:
-        return torch.tensor([v if v is not None else (0, 0) for v in values], dtype=torch.long)
-
     input_ids = [s.input_ids for s in samples]
+    return {
+        "input_ids": _pad(input_ids, pad_id),
+        "attention_mask": _pad([[1] * len(r) for r in input_ids], 0),
+        "labels": _pad([s.labels for s in samples], IGNORE_INDEX),
+        "image_spans": _spans([s.image_span for s in samples]),
+        "retrieved_spans": _spans([s.retrieved_span for s in samples]),
+        **_collate_captions(samples, pad_id),
+    }
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def _spans(values: list[Span | None]) -> torch.Tensor:
+    return torch.tensor([v if v is not None else (0, 0) for v in values], dtype=torch.long)
+
+
+def _collate_captions(samples: list[EncodedSample], pad_id: int) -> dict[str, torch.Tensor]:
+    """The right-padded caption batch of the TGA text forward (both layouts use it)."""
     # A sample without caption gets one attended pad token: a fully masked attention row turns
     # into NaN in SDPA. Its caption span stays (0, 0), so it never reaches the loss.
     captions = [s.caption_input_ids or [pad_id] for s in samples]
     return {
-        "input_ids": pad(input_ids, pad_id),
-        "attention_mask": pad([[1] * len(r) for r in input_ids], 0),
-        "labels": pad([s.labels for s in samples], IGNORE_INDEX),
-        "image_spans": spans([s.image_span for s in samples]),
-        "retrieved_spans": spans([s.retrieved_span for s in samples]),
-        "caption_input_ids": pad(captions, pad_id),
-        "caption_attention_mask": pad([[1] * len(r) for r in captions], 0),
-        "caption_spans": spans([s.caption_span for s in samples]),
+        "caption_input_ids": _pad(captions, pad_id),
+        "caption_attention_mask": _pad([[1] * len(r) for r in captions], 0),
+        "caption_spans": _spans([s.caption_span for s in samples]),
     }
 
 
@@ -145,12 +154,12 @@ def pack(samples: list[EncodedSample], pad_id: int, single_row: bool = True) -> 
     if single_row:
         rows = [list(range(len(samples)))]
     else:
-        rows, room = [], []
+        capacity, rows, room = max(lengths), [], []
         for index in sorted(range(len(samples)), key=lambda i: -lengths[i]):  # stable
-            row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
-            if row is None:
-                rows.append([]), room.append(max(lengths))
-                row = len(rows) - 1
+            row = next((r for r, free in enumerate(room) if free >= lengths[index]), len(rows))
+            if row == len(rows):
+                rows.append([])
+                room.append(capacity)
             rows[row].append(index)
             room[row] -= lengths[index]
     width = max(sum(lengths[i] for i in row) for row in rows)
@@ -174,7 +183,6 @@ def pack(samples: list[EncodedSample], pad_id: int, single_row: bool = True) -> 
         return torch.tensor([(v[0] + o, v[1] + o) if v is not None else (0, 0)
                              for v, o in zip(values, offsets)], dtype=torch.long)
 
-    captions = collate(placed, pad_id)
     return {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "attention_mask": None,
@@ -185,7 +193,7 @@ def pack(samples: list[EncodedSample], pad_id: int, single_row: bool = True) -> 
         "span_rows": torch.tensor(span_rows, dtype=torch.long),
         "seq_lens": torch.tensor([lengths[i] for i in order], dtype=torch.long),
         "order": order,
-        **{k: v for k, v in captions.items() if k.startswith("caption_")},
+        **_collate_captions(placed, pad_id),
     }
 
 
