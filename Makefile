@@ -1,12 +1,13 @@
 # Two commands for a newcomer: `make demo` and `make test`. Everything they need is built here.
 # Environments live outside the checkout, keyed by a hash of their pinned requirements, so every
 # clone of the same revision reuses them:  $(ENV_ROOT)/main-<hash>, $(ENV_ROOT)/retrieval-<hash>.
-# Overridable: PYTHON (interpreter that creates the venvs), ENV_ROOT, PYTEST_ARGS.
+# Overridable: PYTHON (interpreter that creates the venvs), ENV_ROOT, PYTEST_ARGS, ABLATION_SEEDS.
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 PYTHON ?= python3
 ENV_ROOT ?= $(HOME)/.cache/tga-pipeline/envs
 PYTEST_ARGS ?=
+ABLATION_SEEDS ?= 0
 
 # CUDA machines take the default (CUDA) torch wheel and flash-attn; others the CPU wheel, installed
 # before anything else so no dependency drags in a multi-GB CUDA build.
@@ -28,7 +29,7 @@ export PYTHONPATH := $(CURDIR)
 # another environment built it last.
 export TORCH_EXTENSIONS_DIR := $(MAIN_ENV)/torch_extensions
 
-.PHONY: demo test env retrieval-env clean-work
+.PHONY: demo ablations test env retrieval-env clean-work
 
 # The whole pipeline on the embedded tiny world; every stage reads/writes under work/.
 demo: env retrieval-env
@@ -61,6 +62,17 @@ demo: env retrieval-env
 	@echo "layers of the LLM and of the trained VLM, per-layer alignment, DSR image vs text, VQA score)."
 	@echo "MLflow UI (stage 2 with its eval/ reports; stage 1 likewise in work/runs/stage1):"
 	@echo "  $(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/work/runs/stage2/mlflow.db"
+
+# The four ablations of TGA.md on the tiny world, each trained once per seed of ABLATION_SEEDS
+# (e.g. make ablations ABLATION_SEEDS="0 1"); results.json/md/png and an MLflow store in work/ablations.
+ablations: env retrieval-env
+	$(PY) -m pipeline.eval.ablation --suite --seeds $(ABLATION_SEEDS) --out work/ablations \
+	  configs/ablations/tiny/i_plain_llava.yaml configs/ablations/tiny/ii_retrieved_text_only.yaml \
+	  configs/ablations/tiny/iii_tga.yaml configs/ablations/tiny/iv_no_toxic_index.yaml
+	@echo
+	@cat work/ablations/results.md
+	@echo "Figure: work/ablations/results.png. MLflow UI:"
+	@echo "  $(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/work/ablations/mlflow.db"
 
 test: env retrieval-env
 	$(PY) -m pytest $(PYTEST_ARGS)

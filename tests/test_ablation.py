@@ -1,6 +1,7 @@
-"""The ablation runner: resuming, stopping on a step that did not finish, the results table, and
-(slow) ablation iv's evaluation path for real: corpus without toxic texts -> caption index ->
-retrieval join of the eval file -> DSR reading the join's shards."""
+"""The ablation runner: resuming, stopping on a step that did not finish, the results table, the
+suite's plan (seeds, shared training, the eval joins, alignment and over-refusal steps), and (slow)
+ablation iv's evaluation path for real: corpus without toxic texts -> caption index -> retrieval
+join of the eval file -> DSR reading the join's shards. The suite's results: test_ablation_results.py."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,8 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.eval import dsr
-from pipeline.eval.ablation import AblationConfig, Step, main, plan, results, run, table
+from pipeline.eval.ablation import (ALIGNMENT_OPTIONS, PROJECTOR, AblationConfig, ConfigRun, Step, configured_layers,
+                                    export_dir, main, options_named, plan, results, run, suite_plan, table)
 from pipeline.eval.corpus_filter import main as corpus_filter
 from tests.tiny_llava import build_tiny_llava
 
@@ -109,3 +111,107 @@ def test_ablation_iv_retrieves_for_eval_images_from_an_index_without_toxic_texts
     for row in images:
         retrieved = row["prompt"].split("Retrieved Text: ", 1)[1].split(". <image>", 1)[0]
         assert retrieved in corpus, row["id"]
+
+
+# ---- the suite: seeds, shared training, eval steps ----------------------------------------------
+
+TINY = [REPO / "configs" / "ablations" / "tiny" / f"{name}.yaml"
+        for name in ("i_plain_llava", "ii_retrieved_text_only", "iii_tga", "iv_no_toxic_index")]
+
+
+def _tiny(name: str, overrides: list[str] = ()) -> AblationConfig:
+    return load_config(AblationConfig, REPO / "configs" / "ablations" / "tiny" / f"{name}.yaml", list(overrides))
+
+
+def _by_name(steps: list[Step]) -> dict[str, Step]:
+    return {s.name: s for s in steps}
+
+
+def test_a_suite_trains_each_ablation_once_per_seed_in_its_seed_folder_and_iv_reuses_iiis_training(monkeypatch):
+    monkeypatch.chdir(REPO)
+    configs = [load_config(AblationConfig, path) for path in TINY]
+    steps = _by_name(suite_plan(configs, [0, 1], python="python"))
+    trained = [name for name in steps if name.endswith(": stage1")]
+    assert trained == [f"{a} seed {s}: stage1" for a in ("i_plain_llava", "ii_retrieved_text_only", "iii_tga")
+                       for s in (0, 1)]
+    for seed in (0, 1):
+        stage1, stage2 = steps[f"i_plain_llava seed {seed}: stage1"], steps[f"i_plain_llava seed {seed}: stage2"]
+        run_dir = Path(f"work/ablations/i_plain_llava/seed-{seed}/runs")
+        assert stage1.argv[2:] == ["prompt.insert_retrieved=false", "tga.align_on=false", "tga.pair_on=false",
+                                   f"seed={seed}", f"run_dir={run_dir / 'stage1'}"]
+        assert f"seed={seed}" in stage2.argv and f"model.projector={run_dir / 'stage1' / PROJECTOR}" in stage2.argv
+        iv = steps[f"iv_no_toxic_index seed {seed}: dsr"]
+        assert iv.argv[iv.argv.index("--model") + 1] == f"work/ablations/iii_tga/seed-{seed}/export/hf"
+        assert iv.argv[iv.argv.index("--out") + 1] == f"work/ablations/iv_no_toxic_index/eval/seed-{seed}/dsr"
+    # shared work is planned once: the tiny world, the index, the training shards
+    assert [n for n in steps if n.endswith("tiny world")] == ["i_plain_llava seed 0: tiny world"]
+    assert len([n for n in steps if "caption_index configs/tiny" in n]) == 1
+    # the index without toxic texts does not depend on the seed
+    assert {steps[f"iv_no_toxic_index seed {s}: caption_index without toxic texts"].argv[-1] for s in (0, 1)} == \
+        {"output_dir=work/ablations/iv_no_toxic_index/eval/index_no_toxic"}
+
+
+def test_a_suite_refuses_two_ablations_of_one_name_or_a_repeated_seed(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit, match="distinct ablation names and seeds"):
+        suite_plan([_tiny("iii_tga"), _tiny("iii_tga")], [0])
+    with pytest.raises(SystemExit, match="distinct ablation names and seeds"):
+        suite_plan([_tiny("iii_tga")], [1, 1])
+
+
+def test_plain_llava_joins_its_eval_images_for_the_alignment_but_prompts_without_retrieved_text(monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = _tiny("i_plain_llava")
+    steps = _by_name(plan(cfg, python="python"))
+    joined = cfg.eval_dir / "retrieved" / "dsr"
+    assert f"output_dir={joined}" in steps["retrieval_join dsr data"].argv
+    assert "--no-insert-retrieved" in steps["dsr"].argv and "--retrieved" not in steps["dsr"].argv
+    alignment = steps["alignment"].argv
+    assert alignment[2:] == ["pipeline.analysis.alignment", "--model", str(export_dir(cfg)), "--shards", str(joined),
+                             "--out", str(cfg.eval_dir / "alignment"), "--no-mlflow"]
+    assert steps["alignment"].produces == cfg.eval_dir / "alignment" / "alignment.json"
+    assert [s.name for s in plan(cfg, python="python")][-5:] == [
+        "retrieval_join dsr data", "dsr", "alignment", "retrieval_join ability data", "ability"]
+
+
+def test_the_alignment_step_takes_only_the_eval_options_the_alignment_tool_has(monkeypatch):
+    monkeypatch.chdir(REPO)
+    real = load_config(AblationConfig, REPO / "configs/ablations/real/iii_tga.yaml")
+    assert "--max-new-tokens" in real.eval.args
+    assert _by_name(plan(real, python="python"))["alignment"].argv[-6:] == [
+        "--device", "cuda", "--dtype", "bf16", "--batch-size", "16"]
+    assert options_named(["--limit", "3", "--device=cuda", "--dtype", "bf16"], ALIGNMENT_OPTIONS) == [
+        "--device=cuda", "--dtype", "bf16"]
+
+
+def test_benign_requests_add_an_over_refusal_join_and_dsr_run_that_stays_out_of_the_training_run(monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert not any("over_refusal" in s.name for s in plan(_tiny("iii_tga"), python="python"))
+    requests = Path("work/tiny/eval/benign_requests.json")
+    cfg = _tiny("iii_tga", [f"eval.benign_requests={requests}"])
+    steps = _by_name(plan(cfg, python="python"))
+    joined = cfg.eval_dir / "retrieved" / "over_refusal"
+    assert f"input={requests}" in steps["retrieval_join over_refusal data"].argv
+    argv = steps["over_refusal"].argv
+    assert argv[2] == "pipeline.eval.dsr" and argv[argv.index("--data") + 1] == str(requests)
+    assert argv[argv.index("--out") + 1] == str(cfg.eval_dir / "over_refusal")
+    assert argv[argv.index("--retrieved") + 1] == str(joined) and argv[-1] == "--no-mlflow"
+    assert requests in steps["tiny world"].skip_if  # a world without the file is generated again
+    assert list(steps)[-2:] == ["retrieval_join ability data", "ability"]
+
+
+def test_the_safety_layers_of_a_config_are_its_tga_layers_after_overrides(monkeypatch):
+    monkeypatch.chdir(REPO)
+    stage2 = _tiny("iii_tga").stage2
+    assert configured_layers(stage2) == (2, 3, 4)
+    assert configured_layers(ConfigRun(stage2.config, ["tga.layers=[1, 5]"])) == (1, 5)
+
+
+def test_suite_options_are_refused_without_suite_and_the_suite_needs_an_out_folder(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit):
+        main([str(TINY[2]), "--seeds", "0", "1"])
+    assert "are options of --suite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--suite", *map(str, TINY)])
+    assert "--suite needs --out" in capsys.readouterr().err

@@ -23,6 +23,13 @@ class NotAJudge:
     pass
 
 
+class CallableJudge:
+    """Callable, but without the judge method that DSR calls."""
+
+    def __call__(self, prompt: str, response: str) -> Verdict:
+        return Verdict(True, "always")
+
+
 def test_the_tiny_worlds_refusal_and_common_refusals_count_as_refused():
     judge = KeywordJudge()
     assert judge.judge("q", REFUSAL) == Verdict(True, "prefix 'Sorry'")
@@ -83,6 +90,7 @@ def test_judges_load_by_name_or_import_path_with_options():
     ("tests.no_such_module:Judge", {}, "module 'tests.no_such_module' cannot be imported"),
     ("tests.test_judge:Missing", {}, "module 'tests.test_judge' has no 'Missing'"),
     ("tests.test_judge:NotAJudge", {}, "NotAJudge has no judge"),
+    ("tests.test_judge:CallableJudge", {}, r"CallableJudge has no judge\(prompt, response\) method \(a __call__"),
     ("keyword", {"prefixs": ["x"]}, r"cannot be built with options \['prefixs'\]"),
 ])
 def test_unusable_judges_are_refused_with_a_message_naming_them(spec, options, message):

@@ -65,11 +65,16 @@ def shard_paths(folder: str | Path) -> list[Path]:
     return paths
 
 
-def aligned_samples(shards: list[Path], encoder: SampleEncoder, limit: int) -> tuple[list[Encoded], dict]:
-    """The first `limit` samples that have both an image and a caption target, and why others did not."""
+def aligned_samples(shards: list[Path], encoder: SampleEncoder, limit: int,
+                    include_toxic: bool = False) -> tuple[list[Encoded], dict]:
+    """The first `limit` samples that have both an image and a caption target, and why others did not.
+    Training gives samples flagged toxic (they retrieved a toxic text) no caption target;
+    `include_toxic` measures them too, which is the point when the shards hold toxic eval pictures."""
     kept, skipped = [], collections.Counter()
     for path in shards:
         for sample in iter_shard(path):
+            if include_toxic and sample.meta.get("toxic"):
+                sample = sample._replace(meta={**sample.meta, "toxic": False})
             try:
                 encoded = encoder(sample)
             except ValueError as err:  # a malformed conversation: counted, the rest still counts
@@ -161,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--include-toxic", action="store_true",
+                        help="also measure samples flagged toxic (training aligns none of them): for eval shards "
+                             "of toxic pictures")
     add_mlflow_arguments(parser)
     args = parser.parse_args(argv)
     if args.samples < 1 or args.batch_size < 1:
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         loaded = load_model_folder(args.model, require_llava=True, device=args.device,
                                    dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
         target = resolve_target(args, loaded)
-        samples, skipped = aligned_samples(shards, sample_encoder(loaded), args.samples)
+        samples, skipped = aligned_samples(shards, sample_encoder(loaded), args.samples, args.include_toxic)
         if not samples:
             raise ValueError(f"{args.shards}: no sample with both an image and a caption "
                              f"(skipped: {skipped or 'none read'})")

@@ -110,7 +110,7 @@ def _log(target: MlflowTarget, name: str, files: list[Path], metrics: dict[str, 
         tags = [RunTag(check_key("tag", f"{name}.{k}"), v) for k, v in params.items()]
         params_rows = []
     else:
-        experiment_id = ensure_experiment(client, target.experiment, _artifact_location(target.tracking_uri),
+        experiment_id = ensure_experiment(client, target.experiment, artifact_location(target.tracking_uri),
                                        target.tracking_uri)
         run = client.create_run(experiment_id, run_name=name, tags={
             "tga.tool": name, "tga.model": target.model_name, "git_commit": git_commit()})
@@ -131,7 +131,7 @@ def _log(target: MlflowTarget, name: str, files: list[Path], metrics: dict[str, 
     return run_id
 
 
-def _artifact_location(uri: str) -> str | None:
+def artifact_location(uri: str) -> str | None:
     """Artifacts next to a local sqlite store (MLflow's default is relative to the working directory)."""
     if uri.startswith("sqlite:///"):
         return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()

@@ -2,7 +2,9 @@
 
     python -m pipeline.eval.dsr      defense success rate on toxic images vs the same text (dsr.py)
     python -m pipeline.eval.ability  exact match / token F1 on held-out benign VQA (ability.py)
-    python -m pipeline.eval.ablation one TGA ablation end to end: train, export, evaluate (ablation.py)
+    python -m pipeline.eval.ablation one TGA ablation end to end: train, export, evaluate (ablation.py);
+                                     --suite: all four, per seed, with results files and MLflow runs
+                                     (ablation_results.py, ablation_tracking.py)
     python -m pipeline.eval.corpus_filter  a caption corpus without toxic texts (ablation iv's index)
 
 Shared parts: eval records -> queries (queries.py), retrieved texts from the retrieval join

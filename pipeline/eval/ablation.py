@@ -1,16 +1,24 @@
-"""One TGA ablation end to end: data -> stage 1 -> stage 2 -> export -> retrieval for eval -> DSR + ability.
+"""TGA ablations end to end: data -> stage 1 -> stage 2 -> export -> retrieval for eval -> DSR,
+alignment, over-refusal, ability; and the four of them as one suite with a results table.
 
     python -m pipeline.eval.ablation configs/ablations/tiny/iii_tga.yaml [--dry-run]
-    python -m pipeline.eval.ablation --table configs/ablations/tiny/*.yaml      (results side by side)
+    python -m pipeline.eval.ablation --table configs/ablations/tiny/i*.yaml      (results side by side)
+    python -m pipeline.eval.ablation --suite [--seeds 0 1] --out work/ablations FILE...  (results.json/md/png)
 
 An ablation file (`AblationConfig`) names the base configs of every stage and only the overrides
 that make this ablation what it is; run folders and the stage-1 -> stage-2 projector hand-over are
 derived from `train_dir`. Steps run in order as the ordinary commands (`stages.*`, the launch
-scripts, `pipeline.export`, `pipeline.eval.*`), so a step that fails can be rerun by hand from the
-printed command line. Rerunning the ablation resumes it: caption_index and retrieval_join skip
-finished work by their fingerprints, a training stage whose run has its export is skipped (and an
-interrupted one resumes from its latest checkpoint), the HF export is kept; evaluations rerun.
-Ablations that train alike share `train_dir` (iii and iv), so the model is trained once.
+scripts, `pipeline.export`, `pipeline.eval.*`, `pipeline.analysis.alignment`), so a step that fails
+can be rerun by hand from the printed command line. Rerunning the ablation resumes it: caption_index
+and retrieval_join skip finished work by their fingerprints, a training stage whose run has its
+export is skipped (and an interrupted one resumes from its latest checkpoint), the HF export is
+kept; evaluations rerun. Ablations that train alike share `train_dir` (iii and iv), so the model is
+trained once.
+
+A suite trains every ablation once per seed, in `seed-<N>` subfolders of its train_dir and
+eval_dir with `seed=<N>` after both stages' overrides (iii and iv still share a training per
+seed), then writes results.json/md/png (ablation_results.py) and an MLflow parent run with a child
+run per ablation (ablation_tracking.py).
 """
 from __future__ import annotations
 
@@ -24,10 +32,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from pipeline.config import ConfigError, InputPath, load_config
+from pipeline.eval import ablation_results, ablation_tracking
 from pipeline.eval.queries import default_image_root
 
 PROJECTOR = Path("export/projector.safetensors")  # what a training run writes when it finished
+ALIGNMENT_OPTIONS = ("--device", "--dtype", "--batch-size")  # eval.args the alignment tool takes too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +63,8 @@ class EvalConfig:
     join: ConfigRun                    # retrieval_join config for eval files; input/image_root/index_dir/output_dir set here
     index_dir: Path                    # the caption index eval images query (built by `indexes` or `no_toxic_index`)
     insert_retrieved: bool             # must match how the model was trained (prompt.insert_retrieved)
-    images: Path | None = None         # image root of both files; None: DATA_DIR/../images (the tiny world)
+    images: Path | None = None         # image root of the files; None: DATA_DIR/../images (the tiny world)
+    benign_requests: Path | None = None  # over-refusal control: the toxic file's format, benign images
     args: list[str] = dataclasses.field(default_factory=list)  # extra dsr/ability options (--device cuda ...)
 
 
@@ -59,7 +72,7 @@ class EvalConfig:
 class AblationConfig:
     name: str
     train_dir: Path                    # runs/stage1, runs/stage2, export/hf
-    eval_dir: Path                     # retrieved/, dsr/, ability/ (and index_no_toxic/ for iv)
+    eval_dir: Path                     # retrieved/, dsr/, alignment/, over_refusal/, ability/ (index_no_toxic/ for iv)
     stage1: ConfigRun
     stage2: ConfigRun
     eval: EvalConfig
@@ -93,9 +106,9 @@ def plan(cfg: AblationConfig, python: str = sys.executable) -> list[Step]:
     run1, run2 = cfg.train_dir / "runs" / "stage1", cfg.train_dir / "runs" / "stage2"
     steps = []
     if cfg.tiny_world is not None:
+        world_files = (cfg.tiny_world / "world.json", *eval_files(cfg).values())
         steps.append(Step("tiny world", [*py, "pipeline.tinyworld", "--out", str(cfg.tiny_world)],
-                          skip_if=(cfg.tiny_world / "world.json", cfg.eval.toxic, cfg.eval.benign),
-                          produces=cfg.tiny_world / "world.json"))
+                          skip_if=world_files, produces=cfg.tiny_world / "world.json"))
     steps += [Step(f"caption_index {r.config}", [*py, "stages.caption_index", "--config", str(r.config), *r.overrides])
              for r in cfg.indexes]
     steps += [Step(f"retrieval_join {r.config}", [*py, "stages.retrieval_join", "--config", str(r.config), *r.overrides])
@@ -110,25 +123,59 @@ def plan(cfg: AblationConfig, python: str = sys.executable) -> list[Step]:
     steps.append(Step("export", [*py, "pipeline.export", "--checkpoint", str(run2 / "checkpoints"), "--out", str(model)],
                       skip_if=(model / "config.json",), produces=model / "config.json"))
     steps += _no_toxic_index_steps(cfg, py)
-    data = {"dsr": cfg.eval.toxic, "ability": cfg.eval.benign}
-    images = ["--images", str(cfg.eval.images)] if cfg.eval.images is not None else []
-    for tool, path in data.items():
-        retrieved = []
-        if cfg.eval.insert_retrieved:
-            joined = cfg.eval_dir / "retrieved" / tool
-            image_root = cfg.eval.images or default_image_root(path)
-            steps.append(Step(f"retrieval_join {tool} data", [
-                *py, "stages.retrieval_join", "--config", str(cfg.eval.join.config), *cfg.eval.join.overrides,
-                f"input={path}", f"image_root={image_root}", f"index_dir={cfg.eval.index_dir}",
-                f"output_dir={joined}"], produces=joined / "manifest.parquet"))
-            retrieved = ["--retrieved", str(joined), "--insert-retrieved"]
-        else:
-            retrieved = ["--no-insert-retrieved"]
-        out = cfg.eval_dir / tool
-        steps.append(Step(tool, [*py, f"pipeline.eval.{tool}", "--model", str(model), "--data", str(path),
-                                 "--out", str(out), *images, *retrieved, *cfg.eval.args],
-                          produces=out / "summary.json"))
+    for name, path in eval_files(cfg).items():
+        joined = cfg.eval_dir / "retrieved" / name
+        steps.append(_eval_join(cfg, py, name, path, joined))
+        steps.append(_eval_tool(cfg, py, name, path, joined))
+        if name == "dsr":  # the toxic images' join carries their scene captions: cos at every layer
+            steps.append(Step("alignment", [
+                *py, "pipeline.analysis.alignment", "--model", str(model), "--shards", str(joined),
+                "--out", str(cfg.eval_dir / "alignment"), "--no-mlflow", "--include-toxic",
+                *options_named(cfg.eval.args, ALIGNMENT_OPTIONS)],
+                produces=cfg.eval_dir / "alignment" / "alignment.json"))
     return steps
+
+
+def eval_files(cfg: AblationConfig) -> dict[str, Path]:
+    """Eval data by output folder: dsr (toxic images), over_refusal (when configured), ability."""
+    files = {"dsr": cfg.eval.toxic}
+    if cfg.eval.benign_requests is not None:
+        files["over_refusal"] = cfg.eval.benign_requests
+    files["ability"] = cfg.eval.benign
+    return files
+
+
+def _eval_join(cfg: AblationConfig, py: list[str], name: str, data: Path, joined: Path) -> Step:
+    """The eval file through the training images' retrieval join; it runs also for a model trained
+    without retrieved text (ablation i), whose alignment still reads the join's shards."""
+    image_root = cfg.eval.images or default_image_root(data)
+    return Step(f"retrieval_join {name} data", [
+        *py, "stages.retrieval_join", "--config", str(cfg.eval.join.config), *cfg.eval.join.overrides,
+        f"input={data}", f"image_root={image_root}", f"index_dir={cfg.eval.index_dir}",
+        f"output_dir={joined}"], produces=joined / "manifest.parquet")
+
+
+def _eval_tool(cfg: AblationConfig, py: list[str], name: str, data: Path, joined: Path) -> Step:
+    tool = "ability" if name == "ability" else "dsr"
+    images = ["--images", str(cfg.eval.images)] if cfg.eval.images is not None else []
+    retrieved = ["--retrieved", str(joined), "--insert-retrieved"] if cfg.eval.insert_retrieved \
+        else ["--no-insert-retrieved"]
+    # The control runs the dsr tool, whose report would land on the training run's dsr/ metrics
+    # and replace the toxic DSR there: it stays on disk (and in the suite's MLflow runs).
+    own_report = ["--no-mlflow"] if name == "over_refusal" else []
+    out = cfg.eval_dir / name
+    return Step(name, [*py, f"pipeline.eval.{tool}", "--model", str(export_dir(cfg)), "--data", str(data),
+                       "--out", str(out), *images, *retrieved, *cfg.eval.args, *own_report],
+                produces=out / "summary.json")
+
+
+def options_named(args: list[str], names: tuple[str, ...]) -> list[str]:
+    """The `--name value` / `--name=value` pairs of `args` whose name is one of `names`."""
+    picked = []
+    for position, arg in enumerate(args):
+        if arg.split("=", 1)[0] in names:
+            picked += [arg] if "=" in arg else args[position:position + 2]
+    return picked
 
 
 def _no_toxic_index_steps(cfg: AblationConfig, py: list[str]) -> list[Step]:
@@ -198,11 +245,96 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def for_seed(cfg: AblationConfig, seed: int) -> AblationConfig:
+    """The ablation trained with `seed`, in `seed-<N>` subfolders of its train_dir and eval_dir
+    (ablations sharing a train_dir share it per seed). The index without toxic texts (iv) does not
+    depend on the seed and stays where eval.index_dir says: it is built once."""
+    def seeded(stage: ConfigRun) -> ConfigRun:
+        return dataclasses.replace(stage, overrides=[*stage.overrides, f"seed={seed}"])
+
+    folder = f"seed-{seed}"
+    return dataclasses.replace(cfg, train_dir=cfg.train_dir / folder, eval_dir=cfg.eval_dir / folder,
+                               stage1=seeded(cfg.stage1), stage2=seeded(cfg.stage2))
+
+
+def suite_plan(configs: list[AblationConfig], seeds: list[int], python: str = sys.executable) -> list[Step]:
+    """Every ablation's plan for every seed, in order; a step that an earlier ablation already has
+    (the tiny world, the index, the training shards, iii's training for iv) is kept once."""
+    names = [cfg.name for cfg in configs]
+    if len(set(names)) != len(names) or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"a suite needs distinct ablation names and seeds, got {names} and seeds {seeds}")
+    steps, seen = [], set()
+    for cfg in configs:
+        for seed in seeds:
+            for step in plan(for_seed(cfg, seed), python):
+                identity = (tuple(step.argv), tuple(sorted(step.env.items())))
+                if identity not in seen:
+                    seen.add(identity)
+                    steps.append(dataclasses.replace(step, name=f"{cfg.name} seed {seed}: {step.name}"))
+    return steps
+
+
+def suite_outputs(configs: list[AblationConfig], seeds: list[int]) -> dict[str, list[ablation_results.SeedOutputs]]:
+    """Where each ablation and seed of a suite leaves its results, by ablation name."""
+    outputs = {}
+    for cfg in configs:
+        seeded = [for_seed(cfg, seed) for seed in seeds]
+        outputs[cfg.name] = [ablation_results.SeedOutputs(seed, one.eval_dir, export_dir(one),
+                                                          configured_layers(one.stage2))
+                             for seed, one in zip(seeds, seeded)]
+    return outputs
+
+
+def configured_layers(stage: ConfigRun) -> tuple[int, ...]:
+    """`tga.layers` of a stage's YAML and overrides (the TGA default when neither sets them)."""
+    raw = yaml.safe_load(Path(stage.config).read_text()) or {}
+    layers = (raw.get("tga") or {}).get("layers")
+    for item in stage.overrides:
+        key, _, value = item.partition("=")
+        if key.removeprefix("--") == "tga.layers":
+            layers = yaml.safe_load(value)
+    if layers is None:
+        from pipeline.tga.loss import TGAConfig  # imports torch: only when the config is silent
+        layers = TGAConfig().layers
+    return tuple(int(layer) for layer in layers)
+
+
+def run_suite(configs: list[AblationConfig], args: argparse.Namespace, command: str) -> dict:
+    """Run the suite, write results.json/md/png into --out, log them to MLflow; returns the results."""
+    run(suite_plan(configs, args.seeds))
+    results = ablation_results.collect(suite_outputs(configs, args.seeds))
+    files = ablation_results.write(args.out, results, seeds=args.seeds, command=command)
+    print(f"wrote {', '.join(map(str, files))}", flush=True)
+    if args.no_mlflow:
+        print("MLflow: off (--no-mlflow); results are only on disk", flush=True)
+    else:
+        uri = args.mlflow_uri or ablation_tracking.default_tracking_uri(args.out)
+        ablation_tracking.log_suite(uri, args.mlflow_experiment, results, files, seeds=args.seeds,
+                                    command=command)
+    return results
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.eval.ablation", description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="+", type=Path, help="ablation file(s) (configs/ablations/...)")
     parser.add_argument("--dry-run", action="store_true", help="print the steps, run nothing")
     parser.add_argument("--table", action="store_true", help="print the results of finished ablations as a table")
+    suite = parser.add_argument_group("suite: several ablations, seeds, results files and MLflow")
+    suite.add_argument("--suite", action="store_true", help="run every file in order, then write the results")
+    suite.add_argument("--out", type=Path, default=None,
+                       help="results.json, results.md, results.png (and the default MLflow store) go here")
+    suite.add_argument("--seeds", type=int, nargs="+", default=None,
+                       help="train every ablation once per seed (default: 0); put the ablation files after "
+                            "another option or before --seeds")
+    suite.add_argument("--mlflow-uri", default=None, help="tracking URI (default: sqlite:///OUT/mlflow.db)")
+    suite.add_argument("--mlflow-experiment", default=ablation_tracking.DEFAULT_EXPERIMENT)
+    suite.add_argument("--no-mlflow", action="store_true", help="write the results files only")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
     args = parser.parse_args(argv)
     try:
         configs = [load_config(AblationConfig, path) for path in args.configs]
@@ -210,10 +342,21 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"config error: {err}") from None
     if args.table:
         print(table([results(cfg) for cfg in configs]))
-        return
+        return None
+    if args.suite:
+        args.seeds = args.seeds or [0]
+        if args.out is None:
+            parser.error("--suite needs --out (the folder for results.json, results.md, results.png)")
+        if args.dry_run:
+            run(suite_plan(configs, args.seeds), dry_run=True)
+            return None
+        return run_suite(configs, args, shlex.join(["python", "-m", "pipeline.eval.ablation", *argv]))
     if len(configs) > 1:
-        parser.error("run one ablation at a time (several files only with --table)")
+        parser.error("run one ablation at a time (several files only with --table or --suite)")
+    if args.seeds is not None or args.out is not None or args.mlflow_uri is not None or args.no_mlflow:
+        parser.error("--seeds, --out, --mlflow-uri and --no-mlflow are options of --suite")
     run(plan(configs[0]), dry_run=args.dry_run)
+    return None
 
 
 if __name__ == "__main__":

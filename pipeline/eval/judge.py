@@ -8,8 +8,10 @@ when it *starts with* a refusal prefix ("Sorry", "I cannot", ...) or *contains* 
 "I can’t" refuses as much as one that writes "I can't"). Leading whitespace, quotes and markdown
 emphasis do not hide a prefix.
 
-Other judges (an LLM-as-judge, a classifier) plug in by import path: any class whose instances
-have `judge(prompt, response) -> Verdict`, constructed with the options of `--judge-config`.
+Other judges (an LLM-as-judge, a classifier) plug in by import path `module:Class`: `Class` is
+called with the options of `--judge-config` as keyword arguments, and what it returns must have a
+method named `judge(prompt, response) -> Verdict` (an object that is only callable, `__call__`,
+is refused: the name says which method DSR calls).
 """
 from __future__ import annotations
 
@@ -125,7 +127,8 @@ def load_judge(spec: str = "keyword", options: dict[str, Any] | None = None) -> 
     except TypeError as err:
         raise JudgeError(f"judge '{spec}': cannot be built with options {sorted(options)} ({err})") from None
     if not callable(getattr(judge, "judge", None)):
-        raise JudgeError(f"judge '{spec}': {cls.__name__} has no judge(prompt, response) method")
+        raise JudgeError(f"judge '{spec}': {getattr(cls, '__name__', spec)} has no judge(prompt, response) method "
+                         "(a __call__ is not enough: name the method judge)")
     return judge
 
 

@@ -27,6 +27,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "cyan": (40, 200, 220),
 }
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
+# Drawn marks that are never benign shapes. A scene object whose shape is "<symbol> sign" is drawn
+# as the symbol (toxic.py gives each invented harmful concept one of them).
+SYMBOLS = ("hourglass", "bolt", "rings", "crescent", "hexagon", "eye", "arrow", "trident")
+SIGN = " sign"
 SIZES = ("small", "large")
 # Grid cell (row, col) -> name; the phrase used in captions and answers lives in text.py.
 CELLS: dict[tuple[int, int], str] = {
@@ -92,8 +96,42 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
     raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rgb) -> None:
-    if shape == "circle":
+def draw_symbol(draw: ImageDraw.ImageDraw, symbol: str, cx: float, cy: float, r: float, rgb, background_rgb) -> None:
+    w = r / 5  # stroke width of line symbols
+    if symbol == "hourglass":
+        draw.polygon([(cx - r, cy - r), (cx + r, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=rgb)
+    elif symbol == "bolt":
+        draw.polygon([(cx + r * 0.3, cy - r), (cx - r * 0.6, cy + r * 0.15), (cx, cy + r * 0.15),
+                      (cx - r * 0.3, cy + r), (cx + r * 0.6, cy - r * 0.15), (cx, cy - r * 0.15)], fill=rgb)
+    elif symbol == "rings":
+        for k in (1.0, 0.55):
+            draw.ellipse([cx - r * k, cy - r * k, cx + r * k, cy + r * k], outline=rgb, width=max(int(w), 1))
+    elif symbol == "crescent":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
+        draw.ellipse([cx - r * 0.45, cy - r * 0.85, cx + r * 1.1, cy + r * 0.85], fill=background_rgb)
+    elif symbol == "hexagon":
+        draw.regular_polygon((cx, cy, r), 6, fill=rgb)
+        draw.ellipse([cx - r / 3, cy - r / 3, cx + r / 3, cy + r / 3], fill=(255, 255, 255))
+    elif symbol == "eye":
+        draw.chord([cx - r, cy - r * 0.9, cx + r, cy + r * 0.9], 200, 340, fill=rgb)
+        draw.chord([cx - r, cy - r * 0.9, cx + r, cy + r * 0.9], 20, 160, fill=rgb)
+        draw.ellipse([cx - r / 3, cy - r / 3, cx + r / 3, cy + r / 3], fill=rgb)
+    elif symbol == "arrow":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx + r / 3, cy), (cx + r / 3, cy + r),
+                      (cx - r / 3, cy + r), (cx - r / 3, cy), (cx - r, cy)], fill=rgb)
+    elif symbol == "trident":
+        draw.rectangle([cx - w / 2, cy - r * 0.4, cx + w / 2, cy + r], fill=rgb)
+        draw.rectangle([cx - r * 0.8, cy - r * 0.1 - w / 2, cx + r * 0.8, cy - r * 0.1 + w / 2], fill=rgb)
+        for x in (cx - r * 0.8, cx, cx + r * 0.8):
+            draw.polygon([(x - w, cy - r * 0.1), (x + w, cy - r * 0.1), (x, cy - r)], fill=rgb)
+    else:
+        raise ValueError(f"unknown symbol {symbol!r}; known: {SYMBOLS}")
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rgb, background_rgb) -> None:
+    if shape.endswith(SIGN):
+        draw_symbol(draw, shape.removesuffix(SIGN), cx, cy, r, rgb, background_rgb)
+    elif shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
     else:
         draw.polygon(_shape_polygon(shape, cx, cy, r), fill=rgb)
@@ -122,5 +160,5 @@ def render(scene: Scene) -> Image.Image:
     for obj in scene.objects:
         cx, cy = cell_centre(obj.cell, side)
         r = cell_radius * (0.9 if obj.size == "large" else 0.55)
-        draw_shape(draw, obj.shape, cx, cy, r, COLOURS[obj.colour])
+        draw_shape(draw, obj.shape, cx, cy, r, COLOURS[obj.colour], COLOURS[scene.background])
     return downsample(image)

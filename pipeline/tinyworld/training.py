@@ -1,9 +1,9 @@
 """A few seconds of training that make the tiny models behave like the real ones where it matters.
 
 - CLIP: contrastive training on the scene image/caption pairs, so the caption index retrieves
-  related text for an image (the premise of TGA's retrieval). Toxic symbols are also paired with
-  their concept's snippets; with seconds of training, scene retrieval is far above chance but a
-  toxic image does not yet reliably retrieve a toxic snippet (world.json records both rates).
+  related text for an image (the premise of TGA's retrieval), and on renderings of every concept's
+  symbol next to the concept's texts, as a web-trained CLIP has seen such pictures, so a toxic
+  picture it never saw retrieves its concept's snippets (world.json records both rates).
 - LLM: refuses the toxic text requests and answers benign ones. TGA transfers an *existing* text
   refusal to images; a random LLM has none to transfer, and the safety-layer analysis would find none.
 
@@ -18,15 +18,22 @@ from transformers import CLIPModel, LlamaForCausalLM, PreTrainedTokenizerFast
 IGNORE_INDEX = -100
 
 
-def train_clip(model: CLIPModel, pixel_values: torch.Tensor, token_ids: torch.Tensor, *, steps: int,
-               batch_size: int, lr: float, generator: torch.Generator) -> list[float]:
-    """Symmetric InfoNCE on (image i, text i) pairs; returns the loss per step."""
+def train_clip(model: CLIPModel, pixel_values: torch.Tensor, token_ids: torch.Tensor, *, groups: list[int],
+               steps: int, batch_size: int, lr: float, generator: torch.Generator) -> list[float]:
+    """Symmetric InfoNCE on (image i, text i) pairs where every pair of the same group counts as a
+    positive (a concept's renderings and its snippets): with one-hot targets a concept's snippets
+    in one batch would be each other's negatives. Returns the loss per step."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
+    groups = torch.as_tensor(groups)
     model.train()
     losses = []
     for _ in range(steps):
         batch = torch.randperm(len(token_ids), generator=generator)[:batch_size]
-        loss = model(input_ids=token_ids[batch], pixel_values=pixel_values[batch], return_loss=True).loss
+        logits = model(input_ids=token_ids[batch], pixel_values=pixel_values[batch]).logits_per_image
+        same = (groups[batch, None] == groups[None, batch]).float()
+        targets = same / same.sum(dim=1, keepdim=True)  # symmetric: rows and columns alike
+        loss = (torch.nn.functional.cross_entropy(logits, targets)
+                + torch.nn.functional.cross_entropy(logits.T, targets)) / 2
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from . import datasets, models, tokenizer, toxic, training
+from . import datasets, models, scenes, tokenizer, toxic, training
 from .scenes import render
 
 _INCOMPLETE = ".tinyworld-incomplete"
@@ -37,6 +37,7 @@ class WorldPaths:
     toxic_snippets: Path
     toxic_images_json: Path
     benign_vqa_json: Path
+    benign_requests_json: Path
     llm: Path
     clip: Path
     tokenizer: Path
@@ -50,6 +51,7 @@ class WorldPaths:
             image_captions=root / "image_captions.parquet", captions=root / "captions.parquet",
             toxic_snippets=root / "toxic_snippets.jsonl", toxic_images_json=root / "eval" / "toxic_images.json",
             benign_vqa_json=root / "eval" / "benign_vqa.json",
+            benign_requests_json=root / "eval" / "benign_requests.json",
             llm=root / "models" / "llm", clip=root / "models" / "clip", tokenizer=root / "models" / "tokenizer",
             world_json=root / "world.json",
         )
@@ -121,56 +123,89 @@ def generator_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def _clip_world(paths: WorldPaths, placed, images, corpus: list[dict], seed: int) -> dict:
-    """Train and save the tiny CLIP; returns its retrieval quality for world.json."""
+CLIP_STEPS = 2000  # 60 steps left image->caption top-1 at 0.02 and toxic->toxic at 0
+
+
+def _jpeg_round_trip(image: Image.Image) -> Image.Image:
+    return Image.open(io.BytesIO(_encode(image, "jpeg"))).convert("RGB")
+
+
+def _clip_world(paths: WorldPaths, placed, images, toxic_placed, toxic_images, corpus: list[dict], seed: int) -> dict:
+    """Train and save the tiny CLIP on the training scenes and on symbol renderings of its own
+    "web" (never the eval's toxic pictures); returns its retrieval quality for world.json."""
     vocab, merges = tokenizer.openai_clip_vocab(tokenizer.openai_bpe_file())
     clip_tokenizer = tokenizer.build_clip_tokenizer(vocab, merges)
     processor = models.build_clip_processor(clip_tokenizer)
-    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    is_toxic = [isinstance(p.scene, toxic.ToxicScene) for p in placed]
-    # A toxic symbol also pairs with its concept's snippets: the web text a real CLIP saw next to
-    # such pictures. This is what lets a toxic image retrieve toxic text from the index.
-    concept_snippets = [(i, s) for i, p in enumerate(placed) if is_toxic[i]
-                        for s in toxic.snippets() if p.scene.concept.name in s]
-    image_index = torch.tensor(list(range(len(placed))) + [i for i, _ in concept_snippets])
-    ids = models.clip_token_ids(clip_tokenizer, [p.caption for p in placed] + [s for _, s in concept_snippets])
+    web = datasets.clip_web_scenes(toxic_placed, seed)
+    web_images = [_jpeg_round_trip(toxic.render_toxic(scene)) for scene in web]
+    pixels = processor.image_processor(images + web_images + toxic_images, return_tensors="pt")["pixel_values"]
+    # Pairs: every scene with its caption (a group of its own); every web rendering with each of
+    # its concept's snippets (one group per concept: all of them positives of each other).
+    texts = [p.caption for p in placed]
+    image_index, groups = list(range(len(placed))), list(range(len(placed)))
+    for k, scene in enumerate(web):
+        concept = toxic.CONCEPTS.index(scene.concept)
+        for text in [s for s in toxic.snippets() if scene.concept.name in s]:
+            texts.append(text)
+            image_index.append(len(placed) + k)
+            groups.append(len(placed) + concept)
+    ids = models.clip_token_ids(clip_tokenizer, texts)
+    eval_rows = torch.arange(len(placed) + len(web), len(pixels))
     with models.deterministic_torch(seed):
         model = models.build_clip()
-        losses = training.train_clip(model, pixels[image_index], ids, steps=60, batch_size=128, lr=2e-3,
-                                     generator=torch.Generator().manual_seed(seed))
-        scene_rows = torch.tensor([i for i, t in enumerate(is_toxic) if not t])
+        losses = training.train_clip(model, pixels[torch.tensor(image_index)], ids, groups=groups, steps=CLIP_STEPS,
+                                     batch_size=128, lr=2e-3, generator=torch.Generator().manual_seed(seed))
+        scene_rows = torch.arange(len(placed))
         scores = training.clip_scores(model, pixels[scene_rows], ids[scene_rows])
         ranks = (scores > scores.diagonal()[:, None]).sum(dim=1)  # 0 = own caption ranked first
-        toxic_rows = torch.tensor([i for i, t in enumerate(is_toxic) if t])
         corpus_ids = models.clip_token_ids(clip_tokenizer, [row["text"] for row in corpus])
-        nearest = training.clip_scores(model, pixels[toxic_rows], corpus_ids).argmax(dim=1).tolist()
+        nearest = training.clip_scores(model, pixels[eval_rows], corpus_ids).argmax(dim=1).tolist()
+        benign = training.clip_scores(model, pixels[scene_rows], corpus_ids)
+        benign[scene_rows, scene_rows] = -2.0  # the corpus starts with the placed captions; the join skips its own
+        benign_nearest = benign.argmax(dim=1).tolist()
     model.save_pretrained(paths.clip)
     processor.save_pretrained(paths.clip)
     tokenizer.write_clip_vocab_files(paths.clip, vocab, merges)
+    own = [corpus[j]["toxic"] and p.scene.concept.name in corpus[j]["text"] for p, j in zip(toxic_placed, nearest)]
+    signs = [i for i, p in enumerate(placed) if any(o.shape.endswith(scenes.SIGN) for o in p.scene.objects)]
     return {
+        "clip_train_steps": CLIP_STEPS,
         "clip_train_loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
-        "clip_image_to_caption_top1": round((ranks == 0).float().mean().item(), 4),
-        "clip_image_to_caption_top10": round((ranks < 10).float().mean().item(), 4),
+        "clip_web_renderings": len(web),
+        "clip_image_to_caption_top1": _rate(ranks == 0),
+        "clip_image_to_caption_top10": _rate(ranks < 10),
         "clip_chance_top1": round(1 / len(scene_rows), 4),
-        "clip_toxic_image_retrieves_toxic_snippet": round(sum(corpus[j]["toxic"] for j in nearest) / len(nearest), 4),
+        # The eval's toxic pictures, which CLIP never trained on, against the whole caption corpus:
+        "clip_toxic_image_retrieves_own_concept_snippet": _rate(own),
+        "clip_toxic_image_retrieves_toxic_snippet": _rate([corpus[j]["toxic"] for j in nearest]),
+        # Training pictures (own caption excluded, as the retrieval join does):
+        "clip_benign_image_retrieves_toxic_snippet": _rate([corpus[j]["toxic"] for j in benign_nearest]),
+        "clip_sign_scene_retrieves_toxic_snippet": _rate([corpus[benign_nearest[i]]["toxic"] for i in signs]),
     }
 
 
+def _rate(hits) -> float:
+    hits = torch.as_tensor(hits, dtype=torch.float32)
+    return round(hits.mean().item(), 4)
+
+
+LLM_STEPS = 400
+
+
 def _llm_world(paths: WorldPaths, llm_tokenizer, seed: int) -> dict:
-    pairs, toxic_probes, benign_probes = datasets.llm_tuning_pairs(seed)
+    pairs, probes = datasets.llm_tuning_pairs(seed)
     with models.deterministic_torch(seed):
         model = models.build_llm(llm_tokenizer)
         generator = torch.Generator().manual_seed(seed)
-        losses = training.train_llm(model, llm_tokenizer, pairs, steps=60, batch_size=16, lr=1e-2,
+        losses = training.train_llm(model, llm_tokenizer, pairs, steps=LLM_STEPS, batch_size=16, lr=5e-3,
                                     generator=generator)
-        refuse_toxic = training.refusal_rate(model, llm_tokenizer, toxic_probes)
-        refuse_benign = training.refusal_rate(model, llm_tokenizer, benign_probes)
+        refusals = {name: training.refusal_rate(model, llm_tokenizer, questions) for name, questions in probes.items()}
     model.save_pretrained(paths.llm)
     llm_tokenizer.save_pretrained(paths.llm)
     return {
+        "llm_train_steps": LLM_STEPS,
         "llm_train_loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
-        "llm_refusal_rate_toxic_text": round(refuse_toxic, 4),
-        "llm_refusal_rate_benign_text": round(refuse_benign, 4),
+        **{f"llm_refusal_rate_{name}": round(rate, 4) for name, rate in refusals.items()},
     }
 
 
@@ -180,18 +215,21 @@ def generate(out: Path, seed: int = 0) -> WorldPaths:
     _reset(paths.root)
     stage1, stage2, toxic_scenes = datasets.place_scenes(seed)
     heldout = datasets.heldout_scenes(stage1 + stage2, seed)
-    images = _write_images(paths, stage1 + stage2 + toxic_scenes)
-    _write_images(paths, heldout)  # general-ability eval only: no CLIP, LLM or tokenizer training
+    images = _write_images(paths, stage1 + stage2)
+    toxic_images = _write_images(paths, toxic_scenes)  # the safety eval's: no CLIP or VLM training
+    _write_images(paths, heldout)  # general-ability and over-refusal evals only: no training
 
     stage1_json = datasets.stage1_records(stage1, seed)
     stage2_json = datasets.stage2_records(stage2, seed)
-    toxic_json = datasets.toxic_eval_records(toxic_scenes, seed)
+    toxic_json = datasets.toxic_eval_records(toxic_scenes)
+    benign_requests_json = datasets.benign_request_records(heldout)
     corpus = datasets.caption_corpus(stage1 + stage2, seed)
     _write_json(paths.stage1_json, stage1_json)
     _write_json(paths.stage2_json, stage2_json)
     _write_json(paths.toxic_images_json, toxic_json)
     benign_vqa_json = datasets.benign_vqa_records(heldout, seed)
     _write_json(paths.benign_vqa_json, benign_vqa_json)
+    _write_json(paths.benign_requests_json, benign_requests_json)
     _write_parquet(paths.image_captions, [{"image": p.image, "caption": p.caption}
                                           for p in stage1 + stage2 + toxic_scenes + heldout])
     _write_parquet(paths.captions, corpus)
@@ -199,11 +237,12 @@ def generate(out: Path, seed: int = 0) -> WorldPaths:
     paths.toxic_snippets.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in snippets))
 
     all_text = [row["text"] for row in corpus] + [
-        turn["value"] for records in (stage1_json, stage2_json, toxic_json) for r in records
-        for turn in r["conversations"]] + [r["text"] for r in toxic_json] + [toxic.REFUSAL]
+        turn["value"] for records in (stage1_json, stage2_json, toxic_json, benign_requests_json) for r in records
+        for turn in r["conversations"]] + [r["text"] for r in toxic_json + benign_requests_json] + [
+        f"{q} {a}" for q, a in datasets.llm_tuning_pairs(seed)[0]]
     llm_tokenizer = tokenizer.train_llm_tokenizer(all_text)
     llm_tokenizer.save_pretrained(paths.tokenizer)
-    metrics = _clip_world(paths, stage1 + stage2 + toxic_scenes, images, corpus, seed)
+    metrics = _clip_world(paths, stage1 + stage2, images, toxic_scenes, toxic_images, corpus, seed)
     metrics |= _llm_world(paths, llm_tokenizer, seed)
 
     encodings = ["png_named_jpg" if p.encoding == "png" and p.image.endswith(".jpg") else p.encoding
@@ -212,13 +251,15 @@ def generate(out: Path, seed: int = 0) -> WorldPaths:
         "stage1_samples": len(stage1_json),
         "stage2_samples": len(stage2_json),
         "stage2_text_only": sum("image" not in r for r in stage2_json),
-        "images": len(images) + len(heldout),
+        "images": len(images) + len(toxic_images) + len(heldout),
+        "sign_scenes": sum(any(o.shape.endswith(scenes.SIGN) for o in p.scene.objects) for p in stage1 + stage2),
         "images_by_encoding": {e: encodings.count(e) for e in sorted(set(encodings))},
         "captions": len(corpus),
         "toxic_snippets": len(snippets),
         "toxic_images": len(toxic_json),
         "heldout_images": len(heldout),
         "benign_vqa": len(benign_vqa_json),
+        "benign_requests": len(benign_requests_json),
         "llm_vocab_size": len(llm_tokenizer),
     }
     _write_json(paths.world_json, {"seed": seed, "generator": generator_fingerprint(), "counts": counts,
