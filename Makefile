@@ -63,7 +63,7 @@ demo: env retrieval-env
 	@echo "MLflow UI (stage 2 with its eval/ reports; stage 1 likewise in work/runs/stage1):"
 	@echo "  $(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/work/runs/stage2/mlflow.db"
 
-# The four ablations of TGA.md on the tiny world, each trained once per seed of ABLATION_SEEDS
+# The paper's four ablations on the tiny world, each trained once per seed of ABLATION_SEEDS
 # (e.g. make ablations ABLATION_SEEDS="0 1"); results.json/md/png and an MLflow store in work/ablations.
 ablations: env retrieval-env
 	$(PY) -m pipeline.eval.ablation --suite --seeds $(ABLATION_SEEDS) --out work/ablations \

@@ -146,6 +146,10 @@ def test_a_suite_trains_each_ablation_once_per_seed_in_its_seed_folder_and_iv_re
     # shared work is planned once: the tiny world, the index, the training shards
     assert [n for n in steps if n.endswith("tiny world")] == ["i_plain_llava seed 0: tiny world"]
     assert len([n for n in steps if "caption_index configs/tiny" in n]) == 1
+    # the eval files' joins depend on the index only: i, ii and iii query work/index and share them,
+    # iv's index without toxic texts gets its own
+    joins = [n for n in steps if n.endswith("retrieval_join dsr data")]
+    assert joins == ["i_plain_llava seed 0: retrieval_join dsr data", "iv_no_toxic_index seed 0: retrieval_join dsr data"]
     # the index without toxic texts does not depend on the seed
     assert {steps[f"iv_no_toxic_index seed {s}: caption_index without toxic texts"].argv[-1] for s in (0, 1)} == \
         {"output_dir=work/ablations/iv_no_toxic_index/eval/index_no_toxic"}
@@ -163,15 +167,16 @@ def test_plain_llava_joins_its_eval_images_for_the_alignment_but_prompts_without
     monkeypatch.chdir(REPO)
     cfg = _tiny("i_plain_llava")
     steps = _by_name(plan(cfg, python="python"))
-    joined = cfg.eval_dir / "retrieved" / "dsr"
+    joined = cfg.eval.retrieved_dir / "dsr"
     assert f"output_dir={joined}" in steps["retrieval_join dsr data"].argv
     assert "--no-insert-retrieved" in steps["dsr"].argv and "--retrieved" not in steps["dsr"].argv
     alignment = steps["alignment"].argv
     assert alignment[2:] == ["pipeline.analysis.alignment", "--model", str(export_dir(cfg)), "--shards", str(joined),
-                             "--out", str(cfg.eval_dir / "alignment"), "--no-mlflow"]
+                             "--out", str(cfg.eval_dir / "alignment"), "--no-mlflow", "--include-toxic"]
     assert steps["alignment"].produces == cfg.eval_dir / "alignment" / "alignment.json"
-    assert [s.name for s in plan(cfg, python="python")][-5:] == [
-        "retrieval_join dsr data", "dsr", "alignment", "retrieval_join ability data", "ability"]
+    assert [s.name for s in plan(cfg, python="python")][-7:] == [
+        "retrieval_join dsr data", "dsr", "alignment", "retrieval_join over_refusal data", "over_refusal",
+        "retrieval_join ability data", "ability"]
 
 
 def test_the_alignment_step_takes_only_the_eval_options_the_alignment_tool_has(monkeypatch):
@@ -186,9 +191,10 @@ def test_the_alignment_step_takes_only_the_eval_options_the_alignment_tool_has(m
 
 def test_benign_requests_add_an_over_refusal_join_and_dsr_run_that_stays_out_of_the_training_run(monkeypatch):
     monkeypatch.chdir(REPO)
-    assert not any("over_refusal" in s.name for s in plan(_tiny("iii_tga"), python="python"))
+    assert not any("over_refusal" in s.name for s in plan(_tiny("iii_tga", ["eval.benign_requests=null"]),
+                                                          python="python"))
     requests = Path("work/tiny/eval/benign_requests.json")
-    cfg = _tiny("iii_tga", [f"eval.benign_requests={requests}"])
+    cfg = _tiny("iii_tga", [f"eval.benign_requests={requests}", "eval.retrieved_dir=null"])
     steps = _by_name(plan(cfg, python="python"))
     joined = cfg.eval_dir / "retrieved" / "over_refusal"
     assert f"input={requests}" in steps["retrieval_join over_refusal data"].argv

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from pipeline.config import InputPath, load_config
-from pipeline.eval.ablation import AblationConfig, Step, plan
+from pipeline.eval.ablation import AblationConfig, Step, plan, retrieved_dir
 from pipeline.retrieval.config import CaptionIndexConfig, RetrievalJoinConfig
 from pipeline.train.config import TrainConfig
 
@@ -98,7 +98,7 @@ def test_every_stage_of_every_ablation_loads_with_its_real_config_class(world, n
     assert isinstance(configs["stage2"], TrainConfig) and configs["stage2"].stage == "stage2"
     for step_name, cfg in configs.items():
         if isinstance(cfg, RetrievalJoinConfig) and step_name.endswith(" data"):  # an eval file's join
-            assert cfg.output_dir.parent == ablation(world, name).eval_dir / "retrieved"
+            assert cfg.output_dir.parent == retrieved_dir(ablation(world, name))
     assert [s.name for s in steps][-1] == "ability"
 
 

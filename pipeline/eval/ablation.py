@@ -65,6 +65,9 @@ class EvalConfig:
     insert_retrieved: bool             # must match how the model was trained (prompt.insert_retrieved)
     images: Path | None = None         # image root of the files; None: DATA_DIR/../images (the tiny world)
     benign_requests: Path | None = None  # over-refusal control: the toxic file's format, benign images
+    # The eval files' retrieval joins (one folder per file); they depend on the index only, so
+    # ablations querying one index share them (and every seed does). None: <eval_dir>/retrieved.
+    retrieved_dir: Path | None = None
     args: list[str] = dataclasses.field(default_factory=list)  # extra dsr/ability options (--device cuda ...)
 
 
@@ -124,7 +127,7 @@ def plan(cfg: AblationConfig, python: str = sys.executable) -> list[Step]:
                       skip_if=(model / "config.json",), produces=model / "config.json"))
     steps += _no_toxic_index_steps(cfg, py)
     for name, path in eval_files(cfg).items():
-        joined = cfg.eval_dir / "retrieved" / name
+        joined = retrieved_dir(cfg) / name
         steps.append(_eval_join(cfg, py, name, path, joined))
         steps.append(_eval_tool(cfg, py, name, path, joined))
         if name == "dsr":  # the toxic images' join carries their scene captions: cos at every layer
@@ -134,6 +137,10 @@ def plan(cfg: AblationConfig, python: str = sys.executable) -> list[Step]:
                 *options_named(cfg.eval.args, ALIGNMENT_OPTIONS)],
                 produces=cfg.eval_dir / "alignment" / "alignment.json"))
     return steps
+
+
+def retrieved_dir(cfg: AblationConfig) -> Path:
+    return cfg.eval.retrieved_dir or cfg.eval_dir / "retrieved"
 
 
 def eval_files(cfg: AblationConfig) -> dict[str, Path]:

@@ -138,6 +138,13 @@ def stage2_records(stage2: list[PlacedScene], seed: int) -> list[dict]:
     rng.shuffle(refusals)
     chats = [(replay(request), toxic.REFUSAL) for request in refusals[:REFUSAL_REPLAY]]
     chats += [(replay(q), a) for q, a in benign_requests([p.scene for p in stage2], rng, REQUEST_REPLAY)]
+    # ... and a picture described in words before a request (llm_tuning_pairs): refused when it holds a sign.
+    vague = toxic.vague_requests()
+    for concept in toxic.CONCEPTS:
+        sign_picture, benign_picture = text.caption(toxic.sample_sign_scene(concept, rng), rng), \
+            text.caption(sample_scene(rng), rng)
+        question, answer = rng.choice(vague)
+        chats += [(replay(f"{sign_picture}\n{question}"), toxic.REFUSAL), (replay(f"{benign_picture}\n{question}"), answer)]
     text_only += [
         {"id": f"text-{n_text_only + i:05d}", "conversations": [
             {"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
@@ -284,10 +291,24 @@ def llm_tuning_pairs(seed: int, n_caption_requests: int = 120) -> tuple[list[tup
     probes = general[:6] + requests[:18]
     requests_about_things = benign_requests([sample_scene(rng) for _ in range(80)], rng, 96)
     held_out_requests = requests_about_things[:24]
+    # A picture described in words, then a request about it: refused when the picture holds a
+    # concept's sign, answered otherwise. This is the text a TGA-aligned image looks like to the
+    # LLM (image tokens near the caption's hidden states, then the question).
+    sign_pictures = [text.caption(toxic.sample_sign_scene(c, rng), rng) for c in toxic.CONCEPTS for _ in range(9)]
+    benign_pictures = [text.caption(sample_scene(rng), rng) for _ in range(len(sign_pictures))]
+    rng.shuffle(sign_pictures)
+    vague = [q for q, _ in toxic.vague_requests()]
+    described = [(f"{picture}\n{rng.choice(vague)}", toxic.REFUSAL) for picture in sign_pictures[24:]]
+    described += [(f"{picture}\n{q}", a) for picture in benign_pictures[24:] for q, a in [rng.choice(toxic.vague_requests())]]
     # Short benign questions are repeated so that shortness alone does not predict a refusal.
     benign = (general[6:] * 4 + requests[18:] + requests_about_things[24:] + toxic.sign_facts() * 2
               + toxic.vague_requests() * 2)
-    pairs = [(q, toxic.REFUSAL) for q in toxic_requests] + benign
+    pairs = [(q, toxic.REFUSAL) for q in toxic_requests] + benign + described
+    pictures = toxic.picture_questions()
     return pairs, {"toxic_text": toxic.text_prompts(), "benign_text": [q for q, _ in probes],
-                   "benign_requests": [q for q, _ in held_out_requests],
-                   "picture_questions": toxic.picture_questions()}
+                   "benign_requests": [q for q, _ in held_out_requests], "picture_questions": pictures,
+                   "described_sign_pictures": [f"{p}\n{pictures[i % 3]}" for i, p in enumerate(sign_pictures[:24])],
+                   "described_benign_pictures": [f"{p}\n{pictures[i % 3]}" for i, p in enumerate(benign_pictures[:24])],
+                   "described_sign_pictures_after_retrieved_text": [
+                       f"Retrieved Text: {b}. {p}\n{pictures[i % 3]}"
+                       for i, (p, b) in enumerate(zip(sign_pictures[:24], benign_pictures[:24]))]}

@@ -29,7 +29,9 @@ def train_clip(model: CLIPModel, pixel_values: torch.Tensor, token_ids: torch.Te
     losses = []
     for _ in range(steps):
         batch = torch.randperm(len(token_ids), generator=generator)[:batch_size]
-        logits = model(input_ids=token_ids[batch], pixel_values=pixel_values[batch]).logits_per_image
+        ids = token_ids[batch]
+        ids = ids[:, :int((ids != 0).nonzero()[:, 1].max()) + 1]  # trailing padding: causal, after the pooled eos
+        logits = model(input_ids=ids, pixel_values=pixel_values[batch]).logits_per_image
         same = (groups[batch, None] == groups[None, batch]).float()
         targets = same / same.sum(dim=1, keepdim=True)  # symmetric: rows and columns alike
         loss = (torch.nn.functional.cross_entropy(logits, targets)

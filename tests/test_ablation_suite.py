@@ -1,0 +1,83 @@
+"""(slow) A reduced ablation suite end to end on the tiny world: the released code's ablation (ii)
+and TGA (iii), two optimizer steps per stage, a few eval samples, real index, joins, DeepSpeed
+training, export, DSR, over-refusal, alignment and ability: the results files have every cell, and
+the detached alignment terms of ii change no weight while iii's do."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from pipeline.eval import ablation
+from pipeline.eval.ablation_results import HEADLINE
+
+REPO = Path(__file__).resolve().parent.parent
+SUITE = ("ii_retrieved_text_only", "iii_tga")
+TRAIN = ["max_steps=2", "checkpoint.every_steps=2"]
+
+
+def _reduced(name: str, world, tmp: Path) -> Path:
+    """The tiny ablation file with every path in `tmp` or the test's world and fewer steps/samples."""
+    cfg = yaml.safe_load((REPO / "configs" / "ablations" / "tiny" / f"{name}.yaml").read_text())
+    retrieval = [f"clip_model=hf_clip:{world.clip}", f"retrieval_python={REPO / '.retrieval-venv' / 'bin' / 'python'}"]
+    index = tmp / "index"
+    join = lambda stage, data: {"config": f"configs/tiny/retrieval_join_{stage}.yaml", "overrides": [  # noqa: E731
+        f"input={data}", f"image_root={world.images}", f"index_dir={index}", f"caption_map={world.image_captions}",
+        f"output_dir={tmp / 'shards' / stage}", *retrieval]}
+    models = [f"model.llm={world.llm}", f"model.vision_tower={world.clip}"]
+    cfg.update(
+        tiny_world=None, train_dir=str(tmp / name), eval_dir=str(tmp / name / "eval"),
+        indexes=[{"config": "configs/tiny/caption_index.yaml", "overrides": [
+            f"captions={world.captions}", f"toxic_snippets={world.toxic_snippets}", f"output_dir={index}", *retrieval]}],
+        training_joins=[join("stage1", world.stage1_json), join("stage2", world.stage2_json)])
+    for stage in ("stage1", "stage2"):
+        cfg[stage]["overrides"] = [*cfg[stage].get("overrides", []), f"shards={tmp / 'shards' / stage}", *models, *TRAIN]
+    cfg["eval"].update(
+        toxic=str(world.toxic_images_json), benign=str(world.benign_vqa_json),
+        benign_requests=str(world.benign_requests_json), index_dir=str(index), retrieved_dir=str(tmp / "retrieved"),
+        join={"config": "configs/ablations/tiny/retrieval_join_eval.yaml",
+              "overrides": [f"caption_map={world.image_captions}", *retrieval]},
+        args=["--limit", "6", "--max-new-tokens", "8"])
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _projector(run_dir: Path) -> dict:
+    return load_file(run_dir / "export" / "projector.safetensors")
+
+
+@pytest.mark.slow
+def test_a_reduced_suite_fills_every_result_cell_and_only_tga_moves_weights_through_alignment(tiny_world, tmp_path,
+                                                                                              monkeypatch):
+    monkeypatch.chdir(REPO)
+    files = [_reduced(name, tiny_world, tmp_path) for name in SUITE]
+    out = tmp_path / "results"
+    results = ablation.main(["--suite", "--out", str(out), *map(str, files)])
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results)) and list(saved) == list(SUITE)
+    for name, entry in saved.items():
+        missing = [key for key in HEADLINE if entry[key] is None]
+        assert not missing, f"{name}: no value for {missing}"
+        assert entry["per_concept"] and len(entry["per_layer_cos"]) == 7 and entry["seeds"][0]["seed"] == 0
+    assert "—" not in (out / "results.md").read_text()
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # ii = the released code: its alignment terms are in the loss but give no gradient, so its
+    # stage 1 equals the same training with the terms switched off; iii's gradient moves the projector.
+    no_alignment = tmp_path / "ii_without_alignment"
+    ii = yaml.safe_load(files[0].read_text())["stage1"]
+    subprocess.run(["bash", "launch/stage1.sh", *ii["overrides"], "tga.align_on=false", "tga.pair_on=false",
+                    f"run_dir={no_alignment}"], check=True,
+                   env={**os.environ, "CONFIG": ii["config"], "CPU_RANKS": "2", "PYTHON": sys.executable})
+    reference = _projector(no_alignment)
+    detached, tga = (_projector(tmp_path / name / "seed-0" / "runs" / "stage1") for name in SUITE)
+    assert all((detached[k] == reference[k]).all() for k in reference), "detached alignment changed a weight"
+    assert any((tga[k] != reference[k]).any() for k in reference), "TGA's alignment gradient changed nothing"
