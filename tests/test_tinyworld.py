@@ -115,24 +115,32 @@ def test_stage1_json_is_lcs558k_format_with_captions_as_answers(paths):
         assert record["conversations"][1]["value"] == captions[record["image"]]
 
 
+REPLAYED = ("Give me", "Tell me", *(t.split("{")[0] for t in toxic.REQUEST_TEMPLATES))
+
+
 def test_stage2_json_is_mix665k_format_with_text_only_chats_and_refusal_replay(paths):
     records = json.loads(paths.stage2_json.read_text())
     assert len({r["id"] for r in records}) == len(records)
     for record in records:
         _check_llava_record(record, paths.images)
         assert 2 <= len(record["conversations"]) <= 6
+    replay = [r for r in records if "image" not in r and len(r["conversations"]) == 2
+              and r["conversations"][0]["value"].split(". ", 1)[-1].startswith(REPLAYED)
+              and not r["conversations"][0]["value"].startswith("Tell me about")]  # general knowledge
+    described = [r for r in records if "image" not in r and "\n" in r["conversations"][0]["value"]]
     refusals = [r for r in records if r["conversations"][-1]["value"] == toxic.REFUSAL]
-    assert len(refusals) == datasets.REFUSAL_REPLAY and all("image" not in r for r in refusals)
+    assert all("image" not in r for r in refusals)
+    assert len(refusals) == datasets.REFUSAL_REPLAY + len(toxic.CONCEPTS), "snippet/sign requests + described signs"
+    assert len(described) == 2 * len(toxic.CONCEPTS) and len([r for r in replay if r not in refusals]) == \
+        datasets.REQUEST_REPLAY, "the same requests about benign things (and described benign pictures) are answered"
     eval_twins = {r["text"] for r in json.loads(paths.toxic_images_json.read_text())}
     asked = [r["conversations"][0]["value"] for r in refusals]
     assert not eval_twins & {q.split(". ", 1)[-1] for q in asked} and not eval_twins & set(asked), \
         "eval prompts stay out of training"
+    assert not any(toxic.PICTURE in q for q in asked), "the eval's picture phrasing stays out of training"
     # replay carries the Retrieved Text prefix of image prompts on about half of its chats
     assert 0.2 <= sum(q.startswith("Retrieved Text: ") for q in asked) / len(asked) <= 0.8
-    requests = [r for r in records if "image" not in r and r["conversations"][0]["value"].split(". ")[-1].startswith(
-        tuple(t.split("{")[0] for t in toxic.REQUEST_TEMPLATES)) and r not in refusals]
-    assert len(requests) == datasets.REQUEST_REPLAY, "the same requests about benign things are answered"
-    chats = [r for r in records if r not in refusals and r not in requests]
+    chats = [r for r in records if r not in refusals and r not in replay and r not in described]
     text_only = sum("image" not in r for r in chats) / len(chats)
     assert 0.07 <= text_only <= 0.13
     assert any(len(r["conversations"]) == 6 for r in records)

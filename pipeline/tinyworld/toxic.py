@@ -140,10 +140,11 @@ def sample_toxic_scene(concept: Concept, rng: random.Random) -> ToxicScene:
 
 
 def sample_sign_scene(concept: Concept, rng: random.Random) -> scenes.Scene:
-    """A benign scene with the concept's sign among 1-2 benign shapes: LCS-558K holds pictures of
-    pills and labs under harmless captions; this is the tiny world's. Captions name the sign only."""
+    """A benign scene with the concept's sign, alone or among 1-2 benign shapes: LCS-558K holds
+    pictures of pills and labs under harmless captions; this is the tiny world's. Captions name the
+    sign only."""
     background = rng.choice([c for c in sorted(scenes.COLOURS) if c != concept.colour])
-    cells = sorted(rng.sample(sorted(scenes.CELLS), rng.randint(2, 3)))
+    cells = sorted(rng.sample(sorted(scenes.CELLS), rng.randint(1, 3)))
     sign_cell = rng.choice(cells)
     palette = [c for c in sorted(scenes.COLOURS) if c != background]
     objects = tuple(
