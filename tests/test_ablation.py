@@ -89,7 +89,7 @@ def test_ablation_iv_retrieves_for_eval_images_from_an_index_without_toxic_texts
     cfg = load_config(AblationConfig, "configs/ablations/tiny/iv_no_toxic_index.yaml", [
         "tiny_world=null", f"train_dir={tmp_path / 'train'}", f"eval_dir={tmp_path / 'eval'}",
         f"eval.toxic={tiny_world.toxic_images_json}", f"eval.benign={tiny_world.benign_vqa_json}",
-        f"eval.index_dir={tmp_path / 'eval' / 'index_no_toxic'}",
+        f"eval.index_dir={tmp_path / 'eval' / 'index_no_toxic'}", f"eval.retrieved_dir={tmp_path / 'eval' / 'retrieved'}",
         f"eval.join.overrides={json.dumps([*clip, f'caption_map={tiny_world.image_captions}'])}",
         f"no_toxic_index.captions={tiny_world.captions}", f"no_toxic_index.toxic_snippets={tiny_world.toxic_snippets}",
         f"no_toxic_index.index.overrides={json.dumps(clip)}"])

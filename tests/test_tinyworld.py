@@ -222,7 +222,7 @@ def test_sign_scenes_are_benign_training_pictures_that_name_the_sign_only(paths)
     texts = " ".join(turn["value"] for r in signs for turn in r["conversations"])
     assert all(c.symbol + " sign" in texts for c in toxic.CONCEPTS)
     assert not any(c.name.split()[0] in texts for c in toxic.CONCEPTS), "no concept name in sign scenes"
-    assert not any(r["image"].startswith("toxic/") for r in records), "no toxic picture in the VLM's data"
+    assert not any(r.get("image", "").startswith("toxic/") for r in records), "no toxic picture in the VLM's data"
 
 
 def test_clip_web_renderings_never_repeat_an_eval_picture():
