@@ -80,7 +80,7 @@ def test_results_average_the_tools_summaries_over_seeds_and_keep_every_seeds_num
     results = ablation_results.collect(two_seeds)
     tga = results["iii_tga"]
     assert tga["dsr_image"] == pytest.approx(0.375) and tga["dsr_text"] == pytest.approx(0.875)
-    assert tga["seed_std"] == pytest.approx({"dsr_image": 0.125, "dsr_text": 0.125})
+    assert tga["seed_std"] == pytest.approx({"dsr_image": 0.125, "dsr_text": 0.125, "over_refusal_image": 0.0})
     assert tga["answered_toxic_image"] == 0.5  # seed 0: 2 of 4; seed 1: 1 of the 2 records with toxic_terms
     assert tga["ability_f1"] == pytest.approx(0.625) and tga["ability_em"] == pytest.approx(0.25)
     assert tga["per_concept"] == {"alpha": {"image": 0.75, "text": 1.0}, "beta": {"image": 0.0, "text": 0.75}}
@@ -113,14 +113,14 @@ def test_results_md_has_a_row_per_ablation_with_every_cell_and_names_seeds_and_c
     assert "Command: `python -m x --suite`" in text
 
 
-def test_results_png_is_a_png_of_dsr_bars_and_one_cosine_line_per_ablation(two_seeds, tmp_path):
+def test_results_png_is_a_png_of_dsr_and_over_refusal_bars_and_one_cosine_line_per_ablation(two_seeds, tmp_path):
     results = ablation_results.collect(two_seeds)
     files = ablation_results.write(tmp_path / "out", results, seeds=[0, 1], command="c")
     assert [f.name for f in files] == ["results.json", "results.md", "results.png"]
     assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(files[0].read_text()) == results
     bars, lines = ablation_results.figure(results).axes
-    assert len(bars.patches) == 2 * len(results) and len(lines.get_lines()) == len(results)
+    assert len(bars.patches) == 3 * len(results) and len(lines.get_lines()) == len(results)
 
 
 def _runs(uri: str, experiment: str):

@@ -1,7 +1,7 @@
 """(slow) A reduced ablation suite end to end on the tiny world: the released code's ablation (ii)
-and TGA (iii), two optimizer steps per stage, a few eval samples, real index, joins, DeepSpeed
-training, export, DSR, over-refusal, alignment and ability: the results files have every cell, and
-the detached alignment terms of ii change no weight while iii's do."""
+and TGA (iii), two optimizer steps per stage, a few eval samples, the real index, eval joins,
+DeepSpeed training, export, DSR, over-refusal, alignment and ability: the results files have every
+cell, and the detached alignment terms of ii change no weight while iii's do."""
 from __future__ import annotations
 
 import json
@@ -16,31 +16,28 @@ from safetensors.torch import load_file
 
 from pipeline.eval import ablation
 from pipeline.eval.ablation_results import HEADLINE
+from tests.conftest import write_training_shards
 
 REPO = Path(__file__).resolve().parent.parent
 SUITE = ("ii_retrieved_text_only", "iii_tga")
 TRAIN = ["max_steps=2", "checkpoint.every_steps=2"]
 
 
-def _reduced(name: str, world, tmp: Path) -> Path:
+def _reduced(name: str, world, tmp: Path, index: Path, shards: dict[str, Path]) -> Path:
     """The tiny ablation file with every path in `tmp` or the test's world and fewer steps/samples."""
     cfg = yaml.safe_load((REPO / "configs" / "ablations" / "tiny" / f"{name}.yaml").read_text())
     retrieval = [f"clip_model=hf_clip:{world.clip}", f"retrieval_python={REPO / '.retrieval-venv' / 'bin' / 'python'}"]
-    index = tmp / "index"
-    def join(stage: str, data: Path, *extra: str) -> dict:
-        return {"config": f"configs/tiny/retrieval_join_{stage}.yaml", "overrides": [
-            f"input={data}", f"image_root={world.images}", f"index_dir={index}", f"output_dir={tmp / 'shards' / stage}",
-            *retrieval, *extra]}
-
     models = [f"model.llm={world.llm}", f"model.vision_tower={world.clip}"]
     cfg.update(
         tiny_world=None, train_dir=str(tmp / name), eval_dir=str(tmp / name / "eval"),
+        # the caption index the other tests share (built once: its fingerprint says so); training
+        # shards written directly (the training joins have tests of their own)
         indexes=[{"config": "configs/tiny/caption_index.yaml", "overrides": [
-            f"captions={world.captions}", f"toxic_snippets={world.toxic_snippets}", f"output_dir={index}", *retrieval]}],
-        training_joins=[join("stage1", world.stage1_json),
-                        join("stage2", world.stage2_json, f"caption_map={world.image_captions}")])
+            f"captions={world.captions}", f"toxic_snippets={world.toxic_snippets}", *retrieval[:1],
+            f"output_dir={index}", *retrieval[1:]]}],
+        training_joins=[])
     for stage in ("stage1", "stage2"):
-        cfg[stage]["overrides"] = [*cfg[stage].get("overrides", []), f"shards={tmp / 'shards' / stage}", *models, *TRAIN]
+        cfg[stage]["overrides"] = [*cfg[stage].get("overrides", []), f"shards={shards[stage]}", *models, *TRAIN]
     cfg["eval"].update(
         toxic=str(world.toxic_images_json), benign=str(world.benign_vqa_json),
         benign_requests=str(world.benign_requests_json), index_dir=str(index), retrieved_dir=str(tmp / "retrieved"),
@@ -57,10 +54,13 @@ def _projector(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_a_reduced_suite_fills_every_result_cell_and_only_tga_moves_weights_through_alignment(tiny_world, tmp_path,
-                                                                                              monkeypatch):
+def test_a_reduced_suite_fills_every_result_cell_and_only_tga_moves_weights_through_alignment(
+        tiny_world, tmp_path, tmp_path_factory, monkeypatch):
     monkeypatch.chdir(REPO)
-    files = [_reduced(name, tiny_world, tmp_path) for name in SUITE]
+    shards = {stage: write_training_shards(tiny_world, tmp_path / "shards" / stage, samples=48, per_shard=24,
+                                           stage=stage) for stage in ("stage1", "stage2")}
+    index = tmp_path_factory.getbasetemp() / "index"  # shared with test_caption_index, test_retrieval_join
+    files = [_reduced(name, tiny_world, tmp_path, index, shards) for name in SUITE]
     out = tmp_path / "results"
     results = ablation.main(["--suite", "--out", str(out), *map(str, files)])
 

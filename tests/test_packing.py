@@ -92,7 +92,9 @@ def test_attention_does_not_cross_samples_in_a_packed_row(assembled, samples):
     batch = collate([first, second], pad, packed=True)
     changed = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     n = len(first.text.input_ids)
-    changed["input_ids"][0, :n] = (changed["input_ids"][0, :n] + 7) % assembled.model.config.text_config.vocab_size
+    shifted = (changed["input_ids"][0, :n] + 7) % assembled.model.config.text_config.vocab_size
+    image_token = assembled.model.config.image_token_id
+    changed["input_ids"][0, :n] = torch.where(shifted == image_token, (shifted + 1) % image_token, shifted)
     model = assembled.model.eval()
     try:
         with torch.no_grad():

@@ -273,7 +273,7 @@ def salted_input(world, root: Path) -> tuple[Path, Path, dict[str, str]]:
     }
     shard0 = with_image[:56] + [bad["bad-missing"], bad["bad-truncated"], bad["bad-noconv"], bad["bad-twice"],
                                 bad["bad-notoken"], {**base}, "not an object", bad["bad-path"]]
-    shard1 = (text_only + [bad["bad-texttoken"]])[:64]
+    shard1 = text_only[:63] + [bad["bad-texttoken"]]
     path = root / "salted.json"
     path.write_text(json.dumps(shard0 + shard1))
     reasons = {"bad-missing": "missing_image", "bad-truncated": "unreadable_image",

@@ -30,7 +30,7 @@ from pipeline.train.plots import save_png
 
 HEADLINE = ("dsr_image", "dsr_text", "over_refusal_image", "over_refusal_text", "answered_toxic_image",
             "ability_f1", "ability_em", "cos_safety_layers")
-SPREAD = ("dsr_image", "dsr_text")  # shown with their spread over seeds
+SPREAD = ("dsr_image", "dsr_text", "over_refusal_image")  # shown with their spread over seeds
 TRAINING_FILE = "tga_training.json"  # what pipeline.export writes next to the weights
 MODALITIES = ("image", "text")
 
@@ -113,20 +113,22 @@ def markdown(results: dict, *, seeds: list[int], command: str) -> str:
 
 
 def figure(results: dict) -> Figure:
-    """Left: DSR image and text per ablation (error bars: std over seeds). Right: cosine per layer."""
+    """Left: DSR image and text per ablation, and the refusal rate of the same questions about benign
+    images (error bars: std over seeds). Right: cosine per layer."""
     fig = Figure(figsize=(12, 4.5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     bars, lines = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     names = list(results)
-    width = 0.38
-    for offset, key, label in ((-width / 2, "dsr_image", "DSR image"), (width / 2, "dsr_text", "DSR text")):
+    width = 0.27
+    for offset, key, label in ((-width, "dsr_image", "DSR image"), (0.0, "dsr_text", "DSR text"),
+                               (width, "over_refusal_image", "refusals of benign images")):
         values = [_plotted(results[n][key]) for n in names]
         errors = [_plotted(results[n]["seed_std"][key], missing=0.0) for n in names]
         bars.bar([i + offset for i in range(len(names))], values, width, yerr=errors, capsize=4, label=label)
     bars.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
     bars.set_ylim(0, 1.05)
-    bars.set_ylabel("defense success rate")
-    bars.set_title("refusals of toxic requests: image vs text")
+    bars.set_ylabel("refusal rate (on toxic requests: DSR)")
+    bars.set_title("refusals: toxic image vs text, and benign images")
     bars.legend(fontsize=8)
     for name in names:
         per_layer = results[name]["per_layer_cos"]
