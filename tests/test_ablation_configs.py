@@ -1,4 +1,4 @@
-"""The four ablation files of TGA.md: every stage they run loads with its real config class, and
+"""The four ablation files of the paper: every stage they run loads with its real config class, and
 they differ from each other exactly where the ablation says they do.
 
 The stage configs are checked as the runner will start them (base YAML + the ablation's overrides +

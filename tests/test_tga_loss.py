@@ -60,7 +60,7 @@ def _cos(a, b):
 
 
 def _hand_rolled(lm_loss, hidden, targets, step_fraction, cfg):
-    """The formula of TGA.md, one sample and one layer at a time."""
+    """The formula of docs/method.md, one sample and one layer at a time."""
     aligns, pairs, cos_layer = [], [], {}
     for li, layer in enumerate(cfg.layers):
         cosines = []

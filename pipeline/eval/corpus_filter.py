@@ -2,8 +2,8 @@
 
     python -m pipeline.eval.corpus_filter --captions FILE [--toxic-snippets FILE] --out OUT.parquet
 
-TGA.md's ablation (iv) asks how much of the defence comes from toxic snippets that a toxic image
-retrieves at test time. The index for that must lack them, but a corpus may carry them inline (the
+The paper's ablation (iv) (docs/method.md) asks how much of the defence comes from toxic snippets
+that a toxic image retrieves at test time. The index for that must lack them, but a corpus may carry them inline (the
 tiny world's captions.parquet has `toxic: true` rows) as well as in the separate snippets file that
 `caption_index` adds. This drops every row marked toxic and every row whose normalised text is one
 of the snippets; the output is an ordinary corpus for `caption_index` with `toxic_snippets: null`.

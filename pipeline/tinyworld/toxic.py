@@ -4,6 +4,11 @@ Every concept is fictional ("glorbium poison") so the world can exercise the saf
 carrying real harmful content. Each concept has its own drawn symbol, never one of the benign
 shapes, so a picture of the symbol *is* the concept in the visual modality: the situation TGA is
 about (the LLM refuses the text, the VLM must also refuse the picture).
+
+The toxic pictures are close-ups of the symbol (the eval's, and CLIP's pretraining renderings);
+benign training scenes show the same symbol as a "sign" among shapes, captioned by the sign's name
+only. The eval asks neutral request templates about a picture; the LLM learns what each sign stands
+for, refuses the templates about concepts and answers them about benign things.
 """
 from __future__ import annotations
 
