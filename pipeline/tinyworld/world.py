@@ -192,8 +192,8 @@ def _rate(hits) -> float:
 LLM_STEPS = 400
 
 
-def _llm_world(paths: WorldPaths, llm_tokenizer, seed: int) -> dict:
-    pairs, probes = datasets.llm_tuning_pairs(seed)
+def _llm_world(paths: WorldPaths, llm_tokenizer, tuning: tuple[list[tuple[str, str]], dict], seed: int) -> dict:
+    pairs, probes = tuning
     with models.deterministic_torch(seed):
         model = models.build_llm(llm_tokenizer)
         generator = torch.Generator().manual_seed(seed)
@@ -236,14 +236,15 @@ def generate(out: Path, seed: int = 0) -> WorldPaths:
     snippets = [{"caption_id": row["caption_id"], "text": row["text"]} for row in corpus if row["toxic"]]
     paths.toxic_snippets.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in snippets))
 
+    llm_tuning = datasets.llm_tuning_pairs(seed)
     all_text = [row["text"] for row in corpus] + [
         turn["value"] for records in (stage1_json, stage2_json, toxic_json, benign_requests_json) for r in records
         for turn in r["conversations"]] + [r["text"] for r in toxic_json + benign_requests_json] + [
-        f"{q} {a}" for q, a in datasets.llm_tuning_pairs(seed)[0]]
+        f"{q} {a}" for q, a in llm_tuning[0]]
     llm_tokenizer = tokenizer.train_llm_tokenizer(all_text)
     llm_tokenizer.save_pretrained(paths.tokenizer)
     metrics = _clip_world(paths, stage1 + stage2, images, toxic_scenes, toxic_images, corpus, seed)
-    metrics |= _llm_world(paths, llm_tokenizer, seed)
+    metrics |= _llm_world(paths, llm_tokenizer, llm_tuning, seed)
 
     encodings = ["png_named_jpg" if p.encoding == "png" and p.image.endswith(".jpg") else p.encoding
                  for p in stage1 + stage2 + toxic_scenes + heldout]
