@@ -6,7 +6,7 @@ import torch
 
 from pipeline.data.encode import collate
 from pipeline.model.assemble import ModelConfig, apply_freeze, build_llava
-from pipeline.train.flops import StepFlops, peak_flops_per_device
+from pipeline.train.flops import StepFlops, peak_flops_per_device, peak_tflops_of
 from pipeline.train.metrics import StepMeter
 
 
@@ -70,3 +70,12 @@ def test_meter_reports_tflops_and_mfu_against_the_given_peak(assembled):
 def test_peak_is_the_override_or_unknown_off_cuda():
     assert peak_flops_per_device(torch.device("cpu")) is None
     assert peak_flops_per_device(torch.device("cpu"), override_tflops=100.0) == 1e14
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA H800", 989.0), ("NVIDIA H800 PCIe", 756.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A800-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.0),
+    ("Tesla V100-SXM2-32GB", None)])
+def test_peak_tflops_match_the_specific_part_before_its_family(name, tflops):
+    assert peak_tflops_of(name) == tflops

@@ -15,8 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-# Dense bf16 peak per device (no sparsity), by name as torch reports it.
-_PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10", 125.0))
+# Dense bf16 peak per device (no sparsity), by a part of the name torch reports ("NVIDIA H100 PCIe",
+# "NVIDIA A800-SXM4-80GB"); the first match wins, so the specific parts come before the family.
+_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H800 PCIe", 756.0), ("H200", 989.0),
+                ("H100", 989.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
+                ("A10", 125.0))
 
 
 @dataclass(frozen=True)
@@ -78,5 +81,10 @@ def peak_flops_per_device(device: torch.device, override_tflops: float | None = 
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for key, tflops in _PEAK_TFLOPS if key in name), None)
+    tflops = peak_tflops_of(torch.cuda.get_device_name(device))
+    return None if tflops is None else tflops * 1e12
+
+
+def peak_tflops_of(device_name: str) -> float | None:
+    """Dense bf16 TFLOP/s of a CUDA device by its name; None for a device not in the table."""
+    return next((tflops for key, tflops in _PEAK_TFLOPS if key in device_name), None)
