@@ -9,7 +9,7 @@ from transformers import LlavaForConditionalGeneration
 from pipeline.data.encode import SampleEncoder, collate
 from pipeline.data.shards import iter_shard
 from pipeline.model.assemble import (ModelConfig, apply_freeze, build_llava, load_projector,
-                                     projector_state_dict, save_projector)
+                                     projector_state_dict, resolve_attention, save_projector)
 from pipeline.tga.loss import TGAConfig
 from pipeline.train.step import CaptionTargets, tga_forward
 
@@ -168,3 +168,34 @@ def test_text_only_batch_still_runs_the_vision_tower_for_zero3(assembled, stage1
     assert torch.isfinite(loss) and float(parts["n_valid"]) == 0
     assert all(p.grad is not None and not p.grad.any()
                for p in model.model.multi_modal_projector.parameters()), "dummy image must add zero gradient"
+
+
+@pytest.fixture()
+def flash_attn_package(tmp_path, monkeypatch):
+    """Put a `flash_attn` package on the path, either importable or broken the way a wheel built for
+    another torch is (its import fails with an undefined symbol)."""
+    def install(works: bool):
+        package = tmp_path / ("ok" if works else "broken") / "flash_attn"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(
+            "def flash_attn_func(*args, **kwargs):\n    raise RuntimeError('not a GPU')\n" if works else
+            "raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDevice')\n")
+        monkeypatch.syspath_prepend(str(package.parent))
+        monkeypatch.delitem(__import__("sys").modules, "flash_attn", raising=False)
+    return install
+
+
+def test_auto_attention_is_flash_only_on_cuda_in_half_precision_with_an_importable_flash_attn(flash_attn_package):
+    flash_attn_package(works=True)
+    assert resolve_attention("auto", "cuda", torch.bfloat16) == "flash_attention_2"
+    assert resolve_attention("auto", "cuda", torch.float16) == "flash_attention_2"
+    assert resolve_attention("auto", "cuda", torch.float32) == "sdpa"  # flash-attn rejects fp32
+    assert resolve_attention("auto", "cpu", torch.bfloat16) == "sdpa"
+    assert resolve_attention("eager", "cuda", torch.bfloat16) == "eager"  # an explicit choice stands
+
+
+def test_a_flash_attn_that_does_not_import_falls_back_to_sdpa_with_a_warning(flash_attn_package, caplog):
+    flash_attn_package(works=False)
+    with caplog.at_level("WARNING"):
+        assert resolve_attention("auto", "cuda", torch.bfloat16) == "sdpa"
+    assert "undefined symbol" in caplog.text

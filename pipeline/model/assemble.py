@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +31,8 @@ from transformers.integrations import deepspeed as deepspeed_integration
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from pipeline.config import InputPath
+
+log = logging.getLogger(__name__)
 
 PROJECTOR_PREFIX = "multi_modal_projector."
 # LLaVA's own projector files (mm_projector.bin) name the two linears by Sequential index.
@@ -57,14 +60,27 @@ class AssembledModel:
     num_image_tokens: int
 
 
-def resolve_attention(requested: str, device_type: str) -> str:
-    """flash_attention_2 on CUDA when flash-attn imports, else SDPA. Never eager by default: TGA
-    needs hidden states only, and attention maps would force eager (reference defect 4)."""
+def resolve_attention(requested: str, device_type: str, dtype: torch.dtype) -> str:
+    """flash_attention_2 on CUDA in bf16/fp16 when flash-attn really imports, else SDPA. Never eager
+    by default: TGA needs hidden states only, and attention maps would force eager (reference
+    defect 4). flash-attn rejects fp32, and an install built against another torch passes a
+    `find_spec` check but fails at its first import (undefined symbol): it is imported here."""
     if requested != "auto":
         return requested
-    if device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+    if device_type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _flash_attn_imports():
         return "flash_attention_2"
     return "sdpa"
+
+
+def _flash_attn_imports() -> bool:
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        from flash_attn import flash_attn_func  # noqa: F401
+    except (ImportError, OSError) as err:
+        log.warning("flash-attn is installed but does not import (%s); using SDPA", err)
+        return False
+    return True
 
 
 def resolve_dtype(requested: str, device_type: str) -> torch.dtype:
@@ -84,8 +100,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 def build_llava(cfg: ModelConfig, device_type: str = "cpu") -> AssembledModel:
     """Vision tower + projector + LLM as one `LlavaForConditionalGeneration` (HF format)."""
-    attn = resolve_attention(cfg.attn_implementation, device_type)
     dtype = resolve_dtype(cfg.dtype, device_type)
+    attn = resolve_attention(cfg.attn_implementation, device_type, dtype)
     tokenizer = load_tokenizer(cfg)
     vision_config = _vision_config(cfg.vision_tower)
     text_config = AutoConfig.from_pretrained(cfg.llm)
@@ -121,9 +137,9 @@ def build_llava(cfg: ModelConfig, device_type: str = "cpu") -> AssembledModel:
 
 def load_exported(folder: Path, device_type: str = "cpu", attn: str = "auto") -> AssembledModel:
     """A full Llava folder (our export or any HF LLaVA checkpoint)."""
+    dtype = resolve_dtype("auto", device_type)
     model = LlavaForConditionalGeneration.from_pretrained(
-        folder, dtype=resolve_dtype("auto", device_type),
-        attn_implementation=resolve_attention(attn, device_type))
+        folder, dtype=dtype, attn_implementation=resolve_attention(attn, device_type, dtype))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     processor = CLIPImageProcessor.from_pretrained(folder)
     return AssembledModel(model, tokenizer, processor, model.config.image_seq_length)
