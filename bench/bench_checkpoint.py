@@ -4,10 +4,10 @@ of a resumed run.
 
     PYTHONPATH=. .venv/bin/python bench/bench_checkpoint.py [--quick] [--world DIR] [--steps 8]
 
-In-process part (a world of one rank, DS_ACCELERATOR=cpu): the tiny stage-1 model from
-configs/tiny/stage1.yaml is wrapped by the real engine set-up (pipeline.train.engine) and trained on
-tiny-world shards with the real loader; after every step the real `Checkpointer` saves (the loop's
-own save payload: train state, loader state, RNG), then `Checkpointer.load` is timed on the newest
+In-process part (a world of one rank, DS_ACCELERATOR=cpu): the tiny stage-1 job from
+configs/tiny/stage1.yaml is built by the stage's own `build_job` (engine, loader, checkpointer,
+tracker) and trained on tiny-world shards; after every step its `Checkpointer` saves (the loop's
+own state objects: train state, loader state, RNG), then `Checkpointer.load` is timed on the newest
 checkpoint. The same engine state is also saved with DeepSpeed's `exclude_frozen_parameters=True`
 and loaded back, to size what the frozen LLM and vision tower add to every checkpoint.
 Subprocess part: `python -m stages.stage1_align` resumes from a copy of that run folder and runs
@@ -48,16 +48,12 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
 from bench_tga_overhead import tiny_world  # noqa: E402  (sibling script: bench/ is sys.path[0])
-from pipeline.config import flatten, load_config  # noqa: E402
-from pipeline.data.encode import SampleEncoder, collate  # noqa: E402
-from pipeline.data.loader import build_loader  # noqa: E402
-from pipeline.model.assemble import apply_freeze, build_llava  # noqa: E402
-from pipeline.train import engine as ds_engine  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
 from pipeline.train.checkpoint import Checkpointer, step_tag  # noqa: E402
 from pipeline.train.config import TrainConfig  # noqa: E402
-from pipeline.train.loop import TrainState, _save as loop_save  # noqa: E402
-from pipeline.train.step import CaptionTargets, tga_forward  # noqa: E402
-from pipeline.train.tracking import Tracker, git_commit  # noqa: E402
+from pipeline.train.launch_env import apply_rank_environment  # noqa: E402
+from pipeline.train.job import Job, build_job  # noqa: E402
+from pipeline.train.step import tga_forward  # noqa: E402
 from tests.conftest import write_training_shards  # noqa: E402
 from tests.stage_runner import stage_overrides, start_stage, tail  # noqa: E402
 
@@ -74,57 +70,37 @@ def megabytes(n: int) -> str:
     return f"{n / 2**20:.2f} MB"
 
 
-def build_engine(cfg: TrainConfig):
-    """What `pipeline.train.loop.train` builds before its loop: engine, loader, caption targets."""
-    ds_engine.init_distributed("cpu")
-    ds_config = ds_engine.deepspeed_config(cfg, "cpu")
-    zero3 = ds_engine.zero3_context(ds_config)  # noqa: F841 — alive while loading: partitioned load
-    assembled = build_llava(cfg.model, "cpu")
-    apply_freeze(assembled.model, cfg.trainable)
-    encoder = SampleEncoder(assembled.tokenizer, assembled.image_processor,
-                            num_image_tokens=assembled.num_image_tokens, template=cfg.prompt.template,
-                            insert_retrieved=cfg.prompt.insert_retrieved, max_tokens=cfg.prompt.max_tokens,
-                            pad_to_square=cfg.model.pad_to_square, image_token=cfg.model.image_token)
-    pad_id = assembled.tokenizer.pad_token_id
-    loader = build_loader(cfg.shards, rank=0, world_size=1, cfg=cfg.loader, encode=encoder,
-                          collate=lambda samples: collate(samples, pad_id), seed=cfg.seed)
-    engine, _, _ = ds_engine.initialize(assembled.model, cfg, ds_config, cfg.max_steps, "cpu")
-    engine.train()
-    return engine, loader, CaptionTargets(cfg.tga.layers, cfg.caption_target_cache)
-
-
-def train_and_save(cfg: TrainConfig, engine, loader, targets, steps: int) -> tuple[list[float], list[float]]:
-    """`steps` training steps, each followed by a real checkpoint save: (step seconds, save seconds)."""
-    checkpointer = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint, engine)
-    # A real run's checkpoint names its MLflow run, which the resumed stage re-opens.
-    tracker = Tracker.open(cfg.tracking, cfg.run_dir, is_main=True, params=flatten(cfg),
-                           tags={"stage": cfg.stage, "world_size": "1", "git_commit": git_commit()})
-    state = TrainState(run_id=tracker.run_id)
-    batches = iter(loader)
+def train_and_save(job: Job, steps: int) -> tuple[list[float], list[float]]:
+    """`steps` training steps, each followed by the job's real checkpoint save: (step seconds,
+    save seconds). The job is what `pipeline.train.loop.train` builds before its loop."""
+    job.engine.train()
+    batches = iter(job.loader)
     step_seconds, save_seconds = [], []
     for _ in range(steps):
         started = time.perf_counter()
         batch = next(batches)
-        loss, _ = tga_forward(engine, batch, targets, state.step / cfg.max_steps, cfg.tga)
-        engine.backward(loss)
-        engine.step()
-        state.step += 1
-        state.samples += len(batch["keys"])
+        loss, _ = tga_forward(job.engine, batch, job.caption_targets, job.state.step / job.total_steps,
+                              job.cfg.tga)
+        job.engine.backward(loss)
+        job.engine.step()
+        job.state.step += 1
         step_seconds.append(time.perf_counter() - started)
         started = time.perf_counter()
-        loop_save(checkpointer, state, loader)  # the loop's own payload, so the stage can resume it
+        job.checkpointer.save(job.state.step)  # the loop's own state objects, so the stage can resume it
         save_seconds.append(time.perf_counter() - started)
-    tracker.close("KILLED")  # what a preempted run leaves
+    job.tracker.close("KILLED")  # what a preempted run leaves
     return step_seconds, save_seconds
 
 
-def time_loads(cfg: TrainConfig, engine, repeats: int) -> list[float]:
+def time_loads(job: Job, repeats: int) -> list[float]:
     seconds = []
     for _ in range(repeats):
-        checkpointer = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint, engine)
+        checkpointer = Checkpointer(job.run.checkpoints, job.cfg.checkpoint, job.engine,
+                                    global_state=job.checkpointer.global_state,
+                                    rank_state=job.checkpointer.rank_state)
         started = time.perf_counter()
         if checkpointer.load() is None:
-            raise RuntimeError(f"{cfg.run_dir}: no checkpoint to load")
+            raise RuntimeError(f"{job.run.path}: no checkpoint to load")
         seconds.append(time.perf_counter() - started)
     return seconds
 
@@ -294,11 +270,13 @@ def main(argv: list[str] | None = None) -> None:
         overrides = {"loader.num_workers": 0, "max_steps": args.steps + 1, "tracking.plot_every_steps": 0}
         cfg = load_config(TrainConfig, REPO / TINY_CONFIG,
                           stage_overrides(world, shards, run_dir, **overrides))
-        engine, loader, targets = build_engine(cfg)
-        step_s, save_s = train_and_save(cfg, engine, loader, targets, args.steps)
-        load_s = time_loads(cfg, engine, args.loads)
-        sizes = checkpoint_sizes(run_dir / "checkpoints" / step_tag(args.steps))
-        slim = exclude_frozen_comparison(engine, loader, targets, cfg, tmp / "frozen", args.steps)
+        apply_rank_environment()  # a world of one, as the stage entry prepares it
+        job = build_job(cfg)
+        step_s, save_s = train_and_save(job, args.steps)
+        load_s = time_loads(job, args.loads)
+        sizes = checkpoint_sizes(job.run.checkpoints / step_tag(args.steps))
+        slim = exclude_frozen_comparison(job.engine, job.loader, job.caption_targets, cfg, tmp / "frozen",
+                                         args.steps)
         resumed, fresh = [], []
         for run in range(args.stage_runs):  # alternating, so a load change hits both kinds alike
             copy = shutil.copytree(run_dir, tmp / f"resumed{run}")  # each resume starts from the same state

@@ -19,6 +19,7 @@ short rows (b) instead; on GPU flash-attention's varlen kernels skip the masked 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -34,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from bench_tga_overhead import scaled_layers, scaled_llm, time_round_robin, tiny_world  # noqa: E402
-from pipeline.data.encode import SampleEncoder, collate  # noqa: E402
+from pipeline.data.batch import SampleEncoder, collate  # noqa: E402
 from pipeline.data.shards import ShardSample  # noqa: E402
 from pipeline.model.assemble import ModelConfig, apply_freeze, build_llava  # noqa: E402
 from pipeline.tga.loss import TGAConfig  # noqa: E402
@@ -105,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     padded = collate(samples, pad)
     packed = collate(samples, pad, packed=True, single_row=False)
     one_row = collate(samples, pad, packed=True)
-    targets = CaptionTargets(tga.layers, cache_size=0)  # the LLM trains: targets from current weights
+    targets = CaptionTargets(tga.layers, cached=False)  # the LLM trains: targets from current weights
+    lm_only = dataclasses.replace(tga, align_on=False, pair_on=False)
 
     def step(batch, use_tga=True):
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = tga_forward(model, batch, targets, 0.0, tga, use_tga)
+        loss, _ = tga_forward(model, batch, targets, 0.0, tga if use_tga else lm_only)
         loss.backward()
         optimizer.step()
 
@@ -119,16 +121,16 @@ def main(argv: list[str] | None = None) -> int:
         "text": lambda: targets(model, padded)}, args.warmup, args.steps)
     median = {name: statistics.median(values) for name, values in seconds.items()}
 
-    tokens = int(padded["attention_mask"].sum())
+    tokens = int(padded.attention_mask.sum())
     text = model.config.text_config
     print(f"\nmodel: LLM hidden {text.hidden_size}, {text.num_hidden_layers} layers, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, projector + LLM trainable; "
           f"alignment layers {tga.layers}")
     print(f"batch: {len(samples)} samples ({sum(s.pixel_values is None for s in samples)} text-only), "
-          f"{tokens} real tokens; padded {tuple(padded['input_ids'].shape)} = {padded['input_ids'].numel()} "
-          f"positions ({1 - tokens / padded['input_ids'].numel():.0%} padding), packed "
-          f"{tuple(packed['input_ids'].shape)} = {packed['input_ids'].numel()} positions, one row "
-          f"{tuple(one_row['input_ids'].shape)}; median of {args.steps} after {args.warmup} warm-up, "
+          f"{tokens} real tokens; padded {tuple(padded.input_ids.shape)} = {padded.input_ids.numel()} "
+          f"positions ({1 - tokens / padded.input_ids.numel():.0%} padding), packed "
+          f"{tuple(packed.input_ids.shape)} = {packed.input_ids.numel()} positions, one row "
+          f"{tuple(one_row.input_ids.shape)}; median of {args.steps} after {args.warmup} warm-up, "
           f"{args.threads} thread(s)")
     print(f"{'variant':50s} {'s/step':>8s} {'tokens/s':>10s}")
     rows = {"a": "(a) padded, TGA", "b": "(b) packed rows, TGA", "b1": "(b1) packed, one row, TGA",

@@ -5,9 +5,9 @@
 
 One process, one model, one batch of real tiny-world samples (SampleEncoder + collate), projector
 trainable, LLM and vision tower frozen; every timed step is forward + backward + AdamW step:
-  (a) plain LLaVA stage 1: LM loss only            tga_forward(..., use_tga=False)
-  (b) TGA, caption targets cached (warm)           CaptionTargets(cache_size > 0), stage 1's path
-  (c) TGA, caption targets uncached                CaptionTargets(cache_size = 0): text forward each step
+  (a) plain LLaVA stage 1: LM loss only            tga_forward(...) with both TGA terms off
+  (b) TGA, caption targets cached (warm)           CaptionTargets(cached=True), stage 1's path
+  (c) TGA, caption targets uncached                CaptionTargets(cached=False): text forward each step
   (d) the reference's way: eager attention, output_attentions=True on the training forward and on a
       second full forward for the caption's hidden states (same TGA loss on top)
 Variants run round-robin (rotating order) so a load change on a shared machine hits all alike; the
@@ -17,6 +17,7 @@ Llama of that size (same tokenizer and vision tower) to show how the ratios move
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -31,7 +32,7 @@ from transformers.utils import logging as transformers_logging
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from pipeline.data.encode import SampleEncoder, collate  # noqa: E402
+from pipeline.data.batch import Batch, SampleEncoder, collate  # noqa: E402
 from pipeline.data.shards import ShardSample  # noqa: E402
 from pipeline.model.assemble import AssembledModel, ModelConfig, apply_freeze, build_llava  # noqa: E402
 from pipeline.tga.loss import TGAConfig, pool_caption_targets, tga_loss  # noqa: E402
@@ -61,7 +62,7 @@ def stage1_settings() -> tuple[dict, TGAConfig]:
     return raw["prompt"], TGAConfig(**raw["tga"])
 
 
-def real_batch(world: WorldPaths, assembled: AssembledModel, prompt: dict, batch_size: int) -> dict:
+def real_batch(world: WorldPaths, assembled: AssembledModel, prompt: dict, batch_size: int) -> Batch:
     """The first `batch_size` stage-1 samples, encoded as the loader encodes shard samples; the
     retrieved text is the next sample's caption (a related-but-different text, as retrieval gives)."""
     records = json.loads(world.stage1_json.read_text())[:batch_size + 1]
@@ -109,19 +110,18 @@ def scaled_layers(tga: TGAConfig, tiny_layers: int, layers: int) -> TGAConfig:
     return TGAConfig(layers=band, align_weight=tga.align_weight, pair_weight=tga.pair_weight)
 
 
-def reference_forward(model, batch: dict, step_fraction: float, cfg: TGAConfig):
+def reference_forward(model, batch: Batch, step_fraction: float, cfg: TGAConfig):
     """What the released code did: attention maps on both forwards (forcing eager attention) and a
     second full forward, LM head included, for the caption hidden states. The text forward runs
     without grad: with a frozen LLM in stage 1 it builds no graph either way."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"], labels=batch["labels"],
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                pixel_values=batch.pixel_values, labels=batch.labels,
                 output_hidden_states=True, output_attentions=True)
     with torch.no_grad():
-        text = model(input_ids=batch["caption_input_ids"], attention_mask=batch["caption_attention_mask"],
+        text = model(input_ids=batch.caption_input_ids, attention_mask=batch.caption_attention_mask,
                      output_hidden_states=True, output_attentions=True)
-    targets, valid = pool_caption_targets(text.hidden_states, batch["caption_spans"], cfg.layers)
-    image_hidden = torch.stack([out.hidden_states[layer] for layer in cfg.layers])
-    return tga_loss(out.loss, image_hidden, batch["image_spans"], batch["retrieved_spans"], targets,
+    targets, valid = pool_caption_targets(text.hidden_states, batch.caption_spans, cfg.layers)
+    return tga_loss(out.loss, out.hidden_states, batch.image_spans, batch.retrieved_spans, targets,
                     valid, step_fraction, cfg)
 
 
@@ -135,9 +135,9 @@ def training_step(model, optimizer, loss_fn) -> None:
 def attention_map_megabytes(model, batch: dict) -> float:
     """Size of the attention maps one step of (d) materialises (multimodal + text forward)."""
     with torch.no_grad():
-        mm = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   pixel_values=batch["pixel_values"], output_attentions=True)
-        text = model(input_ids=batch["caption_input_ids"], attention_mask=batch["caption_attention_mask"],
+        mm = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   pixel_values=batch.pixel_values, output_attentions=True)
+        text = model(input_ids=batch.caption_input_ids, attention_mask=batch.caption_attention_mask,
                      output_attentions=True)
     maps = [a for a in (*mm.attentions, *text.attentions) if a is not None]
     return sum(a.numel() * a.element_size() for a in maps) / 2**20
@@ -175,12 +175,13 @@ def run(world: WorldPaths, llm: Path, tga: TGAConfig, prompt: dict, args) -> dic
     model, ref_model = main.model, eager.model
     optimizers = {name: torch.optim.AdamW(m.model.multi_modal_projector.parameters(), lr=1e-3)
                   for name, m in (("main", model), ("eager", ref_model))}
-    cached = CaptionTargets(tga.layers, cache_size=len(batch["keys"]))
+    cached = CaptionTargets(tga.layers, cached=True, cache_size=len(batch))
     cached(model, batch)  # warm: stage 1 fills the cache in its first epoch
-    uncached = CaptionTargets(tga.layers, cache_size=0)
+    uncached = CaptionTargets(tga.layers, cached=False)
+    lm_only = dataclasses.replace(tga, align_on=False, pair_on=False)
     step = {
         "a": lambda: training_step(model, optimizers["main"], lambda: tga_forward(
-            model, batch, cached, STEP_FRACTION, tga, use_tga=False)),
+            model, batch, cached, STEP_FRACTION, lm_only)),
         "b": lambda: training_step(model, optimizers["main"], lambda: tga_forward(
             model, batch, cached, STEP_FRACTION, tga)),
         "c": lambda: training_step(model, optimizers["main"], lambda: tga_forward(
@@ -198,8 +199,8 @@ def run(world: WorldPaths, llm: Path, tga: TGAConfig, prompt: dict, args) -> dic
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params "
           f"(projector {sum(p.numel() for p in model.model.multi_modal_projector.parameters()) / 1e6:.3f} M "
           f"trainable); alignment layers {tga.layers}")
-    print(f"batch: {len(batch['keys'])} samples, {batch['input_ids'].shape[1]} tokens "
-          f"({main.num_image_tokens} image tokens), caption input {batch['caption_input_ids'].shape[1]} tokens; "
+    print(f"batch: {len(batch)} samples, {batch.input_ids.shape[1]} tokens "
+          f"({main.num_image_tokens} image tokens), caption input {batch.caption_input_ids.shape[1]} tokens; "
           f"median of {args.steps} steps after {args.warmup} warm-up, {torch.get_num_threads()} thread(s)")
     labels = {"a": "(a) plain LLaVA stage 1 (LM loss only)", "b": "(b) TGA, cached caption targets",
               "c": "(c) TGA, uncached (text forward each step)",

@@ -36,17 +36,17 @@ from transformers import LlavaProcessor
 from transformers.models.llava import LlavaImageProcessor
 
 from pipeline.config import ConfigError, load_config
+from pipeline.data.llava import IMAGE_TOKEN
 from pipeline.model.assemble import AssembledModel, build_llava, projector_state_dict, save_projector
 from pipeline.tga.templates import get_template, template_source
 from pipeline.train.checkpoint import (CheckpointError, export_full_state_dict, latest_complete_step,
                                        saved_steps, step_tag)
 from pipeline.train.config import TrainConfig
-from pipeline.train.tracking import TRACKING_FILE
+from pipeline.train.run_folder import RunFolder
 
+_PROJECTOR = RunFolder(".").projector.name  # same file name as the stage-1 loop writes
 log = logging.getLogger("pipeline.export")
 
-PROJECTOR_FILE = "projector.safetensors"
-RUN_CONFIG = "config.yaml"  # the loop writes it next to checkpoints/
 TRAINING_INFO = "tga_training.json"  # in an hf export: prompt, TGA layers and MLflow run of the training
 # The skeleton is only a container for the consolidated fp32 weights: built on CPU in fp32, without
 # the stage-1 projector file a stage-2 config points at (the checkpoint holds the trained one).
@@ -91,16 +91,16 @@ def export_projector(ckpt_dir: str | Path, out: str | Path, step: int | None = N
     _refuse_existing(Path(out))
     step, state = consolidate(ckpt_dir, step)
     with _staged(Path(out)) as staging:
-        save_projector(projector_state_dict(state), staging / PROJECTOR_FILE)
-    return Path(out) / PROJECTOR_FILE
+        save_projector(projector_state_dict(state), staging / _PROJECTOR)
+    return Path(out) / _PROJECTOR
 
 
 def run_config(ckpt_dir: str | Path, config: str | Path | None = None,
                overrides: list[str] = ()) -> TrainConfig:
     """The resolved training config of the run that wrote `ckpt_dir` (default: its config.yaml)."""
-    path = Path(config) if config is not None else Path(ckpt_dir).parent / RUN_CONFIG
+    path = Path(config) if config is not None else RunFolder.of_checkpoints(ckpt_dir).config
     if not path.is_file():
-        raise ExportError(f"{path}: no run config (the training loop writes {RUN_CONFIG} next to "
+        raise ExportError(f"{path}: no run config (the training loop writes {path.name} next to "
                           "checkpoints/); pass --config with the run's resolved config")
     try:
         return load_config(TrainConfig, path, [*_SKELETON_OVERRIDES, *overrides])
@@ -133,12 +133,12 @@ def training_info(cfg: TrainConfig, ckpt_dir: Path, step: int) -> dict:
     """What the evaluation tools need to know about how the exported model was trained: the prompt
     (so DSR inserts the retrieved text exactly as training did), the TGA layers, and the MLflow run
     (so their reports land next to the training curves). Folders from elsewhere simply lack it."""
-    tracking_file = ckpt_dir.parent / TRACKING_FILE
-    tracking = json.loads(tracking_file.read_text()) if tracking_file.is_file() else {}
+    run = RunFolder.of_checkpoints(ckpt_dir)
+    tracking = run.read_tracking() or {}
     return {
         "stage": cfg.stage,
         "step": step,
-        "run_dir": str(ckpt_dir.parent.resolve()),
+        "run_dir": str(run.path.resolve()),
         "tracking_uri": tracking.get("tracking_uri"),
         "run_id": tracking.get("run_id"),
         "prompt": dataclasses.asdict(cfg.prompt),
@@ -174,7 +174,7 @@ def export_chat_template(cfg: TrainConfig, tokenizer) -> str:
     string training saw (`<image>\\nquestion`), so both render byte-identically.
     """
     source = template_source(get_template(cfg.prompt.template), tokenizer)
-    image = cfg.model.image_token.replace("\\", "\\\\").replace("'", "\\'")
+    image = IMAGE_TOKEN.replace("\\", "\\\\").replace("'", "\\'")
     to_text = (
         "{%- set converted = namespace(messages=[]) -%}"
         "{%- for message in messages -%}"
@@ -201,7 +201,7 @@ def build_processor(assembled: AssembledModel, cfg: TrainConfig) -> LlavaProcess
     """A LlavaProcessor that preprocesses images and expands `<image>` exactly as training did."""
     config = assembled.model.config
     # LlavaImageProcessor = the tower's CLIP preprocessing + LLaVA-1.5's pad-to-square with the
-    # mean colour (do_pad), which is what pipeline.data.encode applies before the CLIP processor.
+    # mean colour (do_pad), which is what pipeline.data.batch applies before the CLIP processor.
     settings = {k: v for k, v in assembled.image_processor.to_dict().items() if k != "image_processor_type"}
     image_processor = LlavaImageProcessor(**settings, do_pad=cfg.model.pad_to_square)
     tokenizer = assembled.tokenizer
@@ -214,7 +214,7 @@ def build_processor(assembled: AssembledModel, cfg: TrainConfig) -> LlavaProcess
         # CLIP adds a CLS embedding to the patches; "default" drops it again, so the processor
         # counts (size / patch)² + 1 - 1 placeholders = config.image_seq_length.
         num_additional_image_tokens=1,
-        image_token=cfg.model.image_token, chat_template=template)
+        image_token=IMAGE_TOKEN, chat_template=template)
     _check_image_expansion(processor, config)
     return processor
 
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder (new or empty)")
     parser.add_argument("--format", choices=["projector", "hf"], default="hf")
     parser.add_argument("--config", type=Path, default=None,
-                        help=f"the run's resolved config (default: {RUN_CONFIG} next to --checkpoint)")
+                        help="the run's resolved config (default: config.yaml next to --checkpoint)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="hf: overrides of the run config (e.g. a moved model.llm)")
     args = parser.parse_args(argv)

@@ -25,6 +25,24 @@ def _tinyworld_cache() -> Path:
     return root / digest.hexdigest()[:16]
 
 
+SHM = Path("/dev/shm")
+
+
+def _shm_buffers() -> set[str]:
+    return {p.name for p in SHM.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")} if SHM.is_dir() else set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_shared_memory_left_behind():
+    """The suite's own check that it leaves nothing in RAM-backed /dev/shm: every DeepSpeed CPU rank
+    it starts, killed ones included, must not leave its 66 MB allreduce buffer behind (the stages
+    unlink it right after init: pipeline.train.engine.unlink_shm_buffers)."""
+    before = _shm_buffers()
+    yield
+    left = sorted(_shm_buffers() - before)
+    assert not left, f"the test session left {len(left)} DeepSpeed buffer(s) in {SHM}: {left}"
+
+
 @pytest.fixture(scope="session")
 def tiny_world():
     folder = _tinyworld_cache()

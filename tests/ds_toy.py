@@ -20,17 +20,18 @@ import logging
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.train.launch_env import free_port
+
 REPO = Path(__file__).resolve().parents[1]
+
 N_SAMPLES, N_FEATURES, MICRO_BATCH = 64, 8, 4
 
 
@@ -126,15 +127,17 @@ def build_engine(seed: int, load_universal: bool):
 
 
 def main(argv=None) -> int:
-    import deepspeed
-
     from pipeline.train.checkpoint import CheckpointConfig, CheckpointError, Checkpointer
+    from pipeline.train.engine import init_distributed
+    from pipeline.train.launch_env import apply_rank_environment
     from pipeline.train.preemption import PreemptionFlag, requeue_if_slurm
-    from pipeline.train.rng import capture_rng_state, restore_rng_state
+    from pipeline.train.rng import RNGState
+    from pipeline.train.state import TrainState
 
     args = parse_args(argv)
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    flag = PreemptionFlag()
+    apply_rank_environment()
+    rank, _, world = init_distributed("cpu")  # the stages' own set-up (it unlinks the shm buffers)
     logging.basicConfig(level=logging.INFO, format=f"[rank{rank}] %(name)s: %(message)s", force=True)
     trace_path = args.run_dir / "traces" / f"{args.trace}.rank{rank}.jsonl"
     trace_path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,10 +147,21 @@ def main(argv=None) -> int:
         trace.write(json.dumps(event) + "\n")
         trace.flush()
 
-    flag = PreemptionFlag()
     cfg = CheckpointConfig(every_steps=args.every_steps, keep_last=args.keep_last, keep_every=args.keep_every)
+    progress, stream = TrainState(), ToyStream(rank, world, args.seed)
+
+    def checkpointer_for(engine) -> Checkpointer:
+        return Checkpointer(args.run_dir / "checkpoints", cfg, engine, global_state={"train_state": progress},
+                            rank_state={"data": stream, "rng": RNGState()})
+
+    def seed_generators():  # before the load: a resume overwrites these states, a fresh start keeps them
+        random.seed(args.seed + rank)
+        np.random.seed(args.seed + rank)
+        torch.manual_seed(args.seed + rank)
+
     engine, scheduler = build_engine(args.seed, load_universal=False)
-    checkpointer = Checkpointer(args.run_dir / "checkpoints", cfg, engine)
+    checkpointer = checkpointer_for(engine)
+    seed_generators()
     try:
         restored = checkpointer.load()
     except CheckpointError as err:
@@ -156,73 +170,75 @@ def main(argv=None) -> int:
         if not args.universal_after_refusal:
             return 2
         engine, scheduler = build_engine(args.seed, load_universal=True)
-        checkpointer = Checkpointer(args.run_dir / "checkpoints", cfg, engine)
+        checkpointer = checkpointer_for(engine)
+        seed_generators()
         restored = checkpointer.load()
     _inject_save_faults(engine, args, rank)
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    stream = ToyStream(rank, world, args.seed)
-    step = 0
     if restored is not None:
-        step = restored.client_state["step"]
-        if restored.extra_per_rank is not None:
-            stream.load_state_dict(restored.extra_per_rank["data"])
-            restore_rng_state(restored.extra_per_rank["rng"])
-        record(event="resumed", step=step, restored_extra=restored.extra_per_rank is not None)
+        record(event="resumed", step=progress.step, restored_extra=restored.rank_state)
         if args.dump_weights:
             _dump_gathered_weights(engine, args.run_dir / f"weights_{args.trace}_loaded.pt", rank)
 
-    while step < args.steps:
+    while progress.step < args.steps:
         keys, inputs, targets = stream.next_batch()
         loss = torch.nn.functional.mse_loss(engine(inputs), targets)
         engine.backward(loss)
         engine.step()
-        step += 1
-        record(step=step, loss=float.hex(loss.item()), lr=float.hex(scheduler.get_last_lr()[0]), samples=keys)
-        if step == args.signal_at_step and rank == 1:
+        progress.step += 1
+        record(step=progress.step, loss=float.hex(loss.item()), lr=float.hex(scheduler.get_last_lr()[0]),
+               samples=keys)
+        if progress.step == args.signal_at_step and rank == 1:
             os.kill(os.getpid(), signal.SIGTERM)
         local_flag = flag.is_set
         stop = flag.should_stop()
-        if checkpointer.is_due(step) or stop:
-            checkpointer.save(step, {"step": step}, {"data": stream.state_dict(), "rng": capture_rng_state()})
+        if checkpointer.is_due(progress.step) or stop:
+            checkpointer.save(progress.step)
         if stop:
             environ = {"SLURM_JOB_ID": args.slurm_job_id} if args.slurm_job_id else {}
             requeued = requeue_if_slurm(environ, scontrol=args.scontrol)
-            record(event="stopped", step=step, local_flag=local_flag,
+            record(event="stopped", step=progress.step, local_flag=local_flag,
                    signals_received=flag.signals_received, requeued=requeued)
             return 0
     if args.dump_weights:
         _dump_gathered_weights(engine, args.run_dir / f"weights_{args.trace}_final.pt", rank)
-    record(event="finished", step=step)
+    record(event="finished", step=progress.step)
     return 0
 
 
 def _inject_save_faults(engine, args, rank: int) -> None:
-    """Wrap engine.save_checkpoint (the Checkpointer's first write) with the requested fault."""
+    """Wrap engine.save_checkpoint (the Checkpointer's first write) with the requested fault. Every
+    wait is on a file another rank writes, never on a timer: the order holds on a busy machine."""
     original = engine.save_checkpoint
+    faults = args.run_dir / "faults"
+    faults.mkdir(exist_ok=True)
 
     def save_checkpoint(save_dir, tag, **kwargs):
         signal_now = tag == f"global_step{args.signal_during_save}"
         if signal_now and rank == 0:
-            # arrives while rank 0 waits in DeepSpeed's first barrier for the late rank 1
-            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            # rank 1 signals us once we are inside the save, where DeepSpeed's first collective
+            # holds us until rank 1 joins it, which it does only after signalling
+            (faults / f"{tag}.rank0.pid").write_text(str(os.getpid()))
         elif signal_now:
+            rank0_pid = int(_wait_for(faults / f"{tag}.rank0.pid").read_text())
+            os.kill(rank0_pid, signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1.0)
         result = original(save_dir, tag, **kwargs)
         if signal_now:
             os.kill(os.getpid(), signal.SIGTERM)
         if tag == f"global_step{args.crash_at_save}" and rank == 1:
             # Die only once rank 0 has written its part: the marker must still not appear.
-            rank0_part = Path(save_dir) / tag / "rank_0.pt"
-            deadline = time.monotonic() + 60
-            while not rank0_part.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
+            _wait_for(Path(save_dir) / tag / "rank_0.pt")
             os.kill(os.getpid(), signal.SIGKILL)
         return result
 
     engine.save_checkpoint = save_checkpoint
+
+
+def _wait_for(path: Path) -> Path:
+    """Until another rank has (atomically) written `path`; the launcher ends us if that rank dies."""
+    while not path.exists():
+        time.sleep(0.01)
+    return path
 
 
 def _dump_gathered_weights(engine, path: Path, rank: int) -> None:
@@ -274,7 +290,7 @@ class Scenarios:
 def launch(run_dir: Path, trace: str, *options: str, num_ranks: int = 2) -> Launch:
     """`deepspeed --num_gpus <num_ranks> tests/ds_toy.py ...`: CPU ranks talking over gloo."""
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
-               "--master_port", str(_free_port()), str(Path(__file__)),
+               "--master_port", str(free_port()), str(Path(__file__)),
                "--run-dir", str(run_dir), "--trace", trace, *options]
     return _run(command)
 
@@ -326,12 +342,6 @@ def _run(command: list[str]) -> Launch:
     started = time.monotonic()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     return Launch(command, done.returncode, done.stdout + done.stderr, time.monotonic() - started)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

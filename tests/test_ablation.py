@@ -14,9 +14,10 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.eval import dsr
-from pipeline.eval.ablation import (ALIGNMENT_OPTIONS, PROJECTOR, AblationConfig, ConfigRun, Step, configured_layers,
+from pipeline.eval.ablation import (ALIGNMENT_OPTIONS, AblationConfig, ConfigRun, Step, configured_layers,
                                     export_dir, main, options_named, plan, results, run, suite_plan, table)
 from pipeline.eval.corpus_filter import main as corpus_filter
+from pipeline.train.run_folder import RunFolder
 from tests.tiny_llava import build_tiny_llava
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,7 +140,7 @@ def test_a_suite_trains_each_ablation_once_per_seed_in_its_seed_folder_and_iv_re
         run_dir = Path(f"work/ablations/i_plain_llava/seed-{seed}/runs")
         assert stage1.argv[2:] == ["prompt.insert_retrieved=false", "tga.align_on=false", "tga.pair_on=false",
                                    f"seed={seed}", f"run_dir={run_dir / 'stage1'}"]
-        assert f"seed={seed}" in stage2.argv and f"model.projector={run_dir / 'stage1' / PROJECTOR}" in stage2.argv
+        assert f"seed={seed}" in stage2.argv and f"model.projector={RunFolder(run_dir / 'stage1').projector}" in stage2.argv
         iv = steps[f"iv_no_toxic_index seed {seed}: dsr"]
         assert iv.argv[iv.argv.index("--model") + 1] == f"work/ablations/iii_tga/seed-{seed}/export/hf"
         assert iv.argv[iv.argv.index("--out") + 1] == f"work/ablations/iv_no_toxic_index/eval/seed-{seed}/dsr"

@@ -18,6 +18,7 @@ from pipeline.data.shards import ShardWriter, shard_name
 from pipeline.eval import ability, ablation, ablation_results, ablation_tracking, dsr
 from pipeline.eval.ablation_results import SeedOutputs
 from pipeline.eval.cli import write_json
+from pipeline.mlflow_client import embedded_tracking_uri
 from tests.mlflow_server import free_port
 from tests.tiny_llava import build_tiny_llava
 
@@ -134,7 +135,7 @@ def _runs(uri: str, experiment: str):
 def test_mlflow_gets_a_parent_run_with_the_three_files_and_a_child_run_per_ablation(two_seeds, tmp_path):
     results = ablation_results.collect(two_seeds)
     files = ablation_results.write(tmp_path / "out", results, seeds=[0, 1], command="python -m x")
-    uri = ablation_tracking.default_tracking_uri(tmp_path / "out")
+    uri = embedded_tracking_uri(tmp_path / "out")
     parent_id = ablation_tracking.log_suite(uri, "tga-ablations", results, files, seeds=[0, 1], command="python -m x")
     client, runs = _runs(uri, "tga-ablations")
     assert set(runs) == {"ablations", "iii_tga", "i_plain_llava"} and runs["ablations"].info.run_id == parent_id
@@ -184,7 +185,7 @@ def test_the_suite_command_runs_the_plan_then_writes_the_results_and_the_mlflow_
     assert results["i_plain_llava"]["dsr_image"] is None
     command = f"Command: `python -m pipeline.eval.ablation --suite --seeds 3 --out {out} {paths[0]} {paths[1]}`"
     assert command in (out / "results.md").read_text()
-    client, runs = _runs(ablation_tracking.default_tracking_uri(out), ablation_tracking.DEFAULT_EXPERIMENT)
+    client, runs = _runs(embedded_tracking_uri(out), ablation_tracking.DEFAULT_EXPERIMENT)
     assert set(runs) == {"ablations", "i_plain_llava", "iii_tga"}
 
 

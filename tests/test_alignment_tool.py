@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pipeline.analysis.alignment import aligned_samples, main, measure, sample_encoder, shard_paths
 from pipeline.analysis.model_folder import TRAINING_FILE, load_model_folder
 from pipeline.analysis.report import MlflowTarget, log_report
-from pipeline.data.encode import collate
+from pipeline.data.batch import collate
 from pipeline.data.shards import ShardWriter, shard_name
 from pipeline.export import build_processor
 from pipeline.model.assemble import ModelConfig, build_llava
@@ -86,7 +86,7 @@ def test_cosines_are_the_metric_the_training_step_logs(loaded, samples):
     layers = [1, 3, 6]
     batch = collate(samples, loaded.tokenizer.pad_token_id)
     with torch.no_grad():
-        _, parts = tga_forward(loaded.model, batch, CaptionTargets(layers, cache_size=0), 0.0,
+        _, parts = tga_forward(loaded.model, batch, CaptionTargets(layers, cached=False), 0.0,
                                TGAConfig(layers=layers))
     cosines = measure(loaded, samples, batch_size=len(samples))
     for layer in layers:

@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessor
 
 from pipeline.analysis.model_folder import chat_prompt, load_model_folder
-from pipeline.data.encode import SampleEncoder
+from pipeline.data.batch import SampleEncoder
 from pipeline.data.shards import ShardSample, ShardWriter, shard_name, write_rejects
 from pipeline.eval import dsr
 from pipeline.eval.generation import Generation, ModelGenerator

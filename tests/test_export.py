@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPImageProcessor,
                           LlavaForConditionalGeneration, LlavaProcessor)
 
-from pipeline.data.encode import SampleEncoder
+from pipeline.data.batch import SampleEncoder
 from pipeline.export import (ExportError, export_chat_template, load_full_state, main, resolve_step,
                              run_config)
 from pipeline.model.assemble import load_projector, load_tokenizer

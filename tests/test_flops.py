@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.data.encode import collate
+from pipeline.data.batch import collate
 from pipeline.model.assemble import ModelConfig, apply_freeze, build_llava
 from pipeline.train.flops import StepFlops, peak_flops_per_device, peak_tflops_of
 from pipeline.train.metrics import StepMeter

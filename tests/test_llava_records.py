@@ -114,6 +114,8 @@ def test_bad_jsonl_lines_become_rejects_and_the_rest_is_read(tmp_path):
     ({"id": "x", "conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "yo"}]},
      "bad_conversations"),
     ({"id": "x", "conversations": [{"from": "human", "value": "hi"}]}, "bad_conversations"),
+    ({"id": "x", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "a"},
+                                   {"from": "human", "value": "and?"}]}, "bad_conversations"),
     ({"id": "x", "conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]},
      "bad_conversations"),
     ({"id": "x", "image": "a.jpg", "conversations": [

@@ -1,12 +1,14 @@
 """The assembled Llava is transformers' own class; TGA's gradient reaches the projector only."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import LlavaForConditionalGeneration
 
-from pipeline.data.encode import SampleEncoder, collate
+from pipeline.data.batch import SampleEncoder, collate
 from pipeline.data.shards import iter_shard
 from pipeline.model.assemble import (ModelConfig, apply_freeze, build_llava, load_projector,
                                      projector_state_dict, resolve_attention, save_projector)
@@ -33,7 +35,9 @@ def batch(assembled, stage1_shards):
 
 def projector_grads(model, batch, cfg, use_tga=True):
     model.zero_grad(set_to_none=True)
-    loss, parts = tga_forward(model, batch, CaptionTargets(cfg.layers, 0), 0.0, cfg, use_tga)
+    if not use_tga:  # plain LLaVA: both TGA terms off
+        cfg = dataclasses.replace(cfg, align_on=False, pair_on=False)
+    loss, parts = tga_forward(model, batch, CaptionTargets(cfg.layers, cached=False), 0.0, cfg)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss, parts, grads
@@ -76,7 +80,7 @@ def test_detach_alignment_reproduces_the_lm_only_gradient(assembled, batch):
 
 
 def test_stage1_caption_targets_are_computed_once_per_sample(assembled, batch):
-    targets = CaptionTargets(LAYERS, cache_size=100)
+    targets = CaptionTargets(LAYERS, cached=True, cache_size=100)
     first, valid = targets(assembled.model, batch)
     again, valid_again = targets(assembled.model, batch)
     assert targets.forwards == 1
@@ -122,7 +126,7 @@ def test_training_forwards_keep_sdpa_and_never_compute_attention_maps(assembled,
     attention = assembled.model.model.language_model.layers[0].self_attn
     handle = attention.register_forward_hook(lambda module, args, out: attention_maps.append(out[1]))
     try:
-        tga_forward(assembled.model, batch, CaptionTargets(LAYERS, 0), 0.0, TGAConfig(layers=LAYERS))
+        tga_forward(assembled.model, batch, CaptionTargets(LAYERS, cached=False), 0.0, TGAConfig(layers=LAYERS))
     finally:
         handle.remove()
     assert len(attention_maps) == 2, "the multimodal forward and the caption forward"
@@ -153,14 +157,14 @@ def test_text_only_batch_still_runs_the_vision_tower_for_zero3(assembled, stage1
     sample = encoder(type("S", (), {"key": "t0", "image": None,
                                     "meta": {"conversations": conversations, "image_caption": ""}})())
     text_batch = collate([sample], assembled.tokenizer.pad_token_id)
-    assert text_batch["pixel_values"] is None
+    assert text_batch.pixel_values is None
     calls = []
     handle = assembled.model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
     try:
         model = assembled.model
         apply_freeze(model, ["projector"])
         model.zero_grad(set_to_none=True)
-        loss, parts = tga_forward(model, text_batch, CaptionTargets(LAYERS, 0), 0.0, TGAConfig(layers=LAYERS))
+        loss, parts = tga_forward(model, text_batch, CaptionTargets(LAYERS, cached=False), 0.0, TGAConfig(layers=LAYERS))
         loss.backward()
     finally:
         handle.remove()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.data.encode import SampleEncoder, collate
+from pipeline.data.batch import SampleEncoder, collate
 from pipeline.data.shards import iter_shard
 from pipeline.model.assemble import ModelConfig, apply_freeze, build_llava
 from pipeline.tga.loss import TGAConfig
@@ -43,7 +43,7 @@ def samples(assembled, tiny_world, tmp_path_factory):
 
 def forward(model, batch, cfg=TGAConfig(layers=LAYERS)):
     model.zero_grad(set_to_none=True)
-    loss, parts = tga_forward(model, batch, CaptionTargets(cfg.layers, 0), 0.25, cfg)
+    loss, parts = tga_forward(model, batch, CaptionTargets(cfg.layers, cached=False), 0.25, cfg)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), parts, grads
@@ -54,18 +54,18 @@ def test_packed_row_restarts_positions_and_keeps_every_token_once(assembled, sam
     packed = collate(samples, pad, packed=True)
     padded = collate(samples, pad)
     lengths = [len(s.text.input_ids) for s in samples]
-    assert packed["input_ids"].shape == (1, sum(lengths)) and packed["attention_mask"] is None
-    assert padded["input_ids"].numel() > sum(lengths), "the padded batch has padding to remove"
+    assert packed.input_ids.shape == (1, sum(lengths)) and packed.attention_mask is None
+    assert padded.input_ids.numel() > sum(lengths), "the padded batch has padding to remove"
     starts = torch.tensor([0] + lengths[:-1]).cumsum(0)
-    assert packed["position_ids"][0, starts].eq(0).all()
-    assert packed["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    assert packed.position_ids[0, starts].eq(0).all()
+    assert packed.position_ids[0].tolist() == [p for n in lengths for p in range(n)]
     for i, start in enumerate(starts.tolist()):
-        row = packed["input_ids"][0, start:start + lengths[i]]
-        assert torch.equal(row, padded["input_ids"][i, :lengths[i]])
-        assert packed["labels"][0, start] == IGNORE_INDEX  # no target across the sample boundary
-        image = packed["image_spans"][i].tolist()
-        assert image == (padded["image_spans"][i] + (start if samples[i].pixel_values is not None else 0)).tolist()
-    assert packed["pixel_values"].shape[0] == sum(s.pixel_values is not None for s in samples)
+        row = packed.input_ids[0, start:start + lengths[i]]
+        assert torch.equal(row, padded.input_ids[i, :lengths[i]])
+        assert packed.labels[0, start] == IGNORE_INDEX  # no target across the sample boundary
+        image = packed.image_spans[i].tolist()
+        assert image == (padded.image_spans[i] + (start if samples[i].pixel_values is not None else 0)).tolist()
+    assert packed.pixel_values.shape[0] == sum(s.pixel_values is not None for s in samples)
 
 
 @pytest.mark.parametrize("single_row", [True, False], ids=["one-row-varlen-layout", "rows-for-dense-attention"])
@@ -90,19 +90,19 @@ def test_attention_does_not_cross_samples_in_a_packed_row(assembled, samples):
     pad = assembled.tokenizer.pad_token_id
     first, second = samples[1], samples[0]  # text-only first: no image features to realign
     batch = collate([first, second], pad, packed=True)
-    changed = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    changed = batch.input_ids.clone()
     n = len(first.text.input_ids)
-    shifted = (changed["input_ids"][0, :n] + 7) % assembled.model.config.text_config.vocab_size
+    shifted = (changed[0, :n] + 7) % assembled.model.config.text_config.vocab_size
     image_token = assembled.model.config.image_token_id
-    changed["input_ids"][0, :n] = torch.where(shifted == image_token, (shifted + 1) % image_token, shifted)
+    changed[0, :n] = torch.where(shifted == image_token, (shifted + 1) % image_token, shifted)
     model = assembled.model.eval()
     try:
         with torch.no_grad():
             kwargs = dict(attention_mask=None, use_cache=False)
-            a = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                      pixel_values=batch["pixel_values"], **kwargs).logits
-            b = model(input_ids=changed["input_ids"], position_ids=changed["position_ids"],
-                      pixel_values=changed["pixel_values"], **kwargs).logits
+            a = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                      pixel_values=batch.pixel_values, **kwargs).logits
+            b = model(input_ids=changed, position_ids=batch.position_ids,
+                      pixel_values=batch.pixel_values, **kwargs).logits
     finally:
         model.train()
     assert not torch.allclose(a[0, :n], b[0, :n])
@@ -113,14 +113,14 @@ def test_rows_for_dense_attention_are_as_long_as_the_longest_sample_and_hold_eve
     pad = assembled.tokenizer.pad_token_id
     packed = collate(samples, pad, packed=True, single_row=False)
     lengths = {s.key: len(s.text.input_ids) for s in samples}
-    assert packed["input_ids"].shape[1] == max(lengths.values())
-    assert packed["input_ids"].shape[0] < len(samples)  # fewer rows than the padded batch
-    assert sorted(packed["keys"]) == sorted(lengths)
-    assert packed["seq_lens"].tolist() == [lengths[k] for k in packed["keys"]]
-    for key, row, (start, end) in zip(packed["keys"], packed["span_rows"].tolist(), packed["image_spans"].tolist()):
+    assert packed.input_ids.shape[1] == max(lengths.values())
+    assert packed.input_ids.shape[0] < len(samples)  # fewer rows than the padded batch
+    assert sorted(packed.keys) == sorted(lengths)
+    assert packed.seq_lens.tolist() == [lengths[k] for k in packed.keys]
+    for key, row, (start, end) in zip(packed.keys, packed.span_rows.tolist(), packed.image_spans.tolist()):
         sample = next(s for s in samples if s.key == key)
         if sample.text.image_span is not None:  # the span still covers the image tokens
             image_token = assembled.model.config.image_token_id
-            assert packed["input_ids"][row, start:end].eq(image_token).all()
-    images = [s.pixel_values for k in packed["keys"] for s in samples if s.key == k and s.pixel_values is not None]
-    assert torch.equal(packed["pixel_values"], torch.stack(images)), "images follow the placed order"
+            assert packed.input_ids[row, start:end].eq(image_token).all()
+    images = [s.pixel_values for k in packed.keys for s in samples if s.key == k and s.pixel_values is not None]
+    assert torch.equal(packed.pixel_values, torch.stack(images)), "images follow the placed order"

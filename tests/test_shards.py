@@ -16,7 +16,6 @@ from pipeline.data.shards import (
     ShardWriter,
     check_shard_count,
     iter_shard,
-    read_stats,
     shard_index,
     shard_name,
     write_manifest,
@@ -121,7 +120,7 @@ def test_manifest_rejects_and_stats_round_trip(tmp_path):
     assert pq.read_table(tmp_path / "manifest.parquet").to_pylist() == rows
     assert pq.read_table(tmp_path / "rejects.parquet").to_pylist() == [
         {"key": "b", "reason": "missing_image", "detail": ""}]
-    assert read_stats(tmp_path / "stats.json")["counts"]["written"] == 1
+    assert json.loads((tmp_path / "stats.json").read_text())["counts"]["written"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.parquet", "rejects.parquet", "stats.json"]
 
 

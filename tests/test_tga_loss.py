@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigError, load_config
-from pipeline.tga.loss import TGAConfig, masked_mean, pool_caption_targets, tga_loss
+from pipeline.tga.loss import TGAConfig, pool_caption_targets, span_means, tga_loss
 
 B, T, D, N_HIDDEN = 5, 12, 16, 6
 LAYERS = [2, 3, 5]
@@ -100,17 +100,6 @@ def test_loss_and_parts_equal_a_hand_rolled_loop_over_samples_and_layers(dtype):
     assert parts["align_weight"] == pytest.approx(0.25 * 0.7)
     assert parts["pair_weight"] == pytest.approx(0.10 * 0.49)
     assert not any(isinstance(v, torch.Tensor) and v.requires_grad for v in parts.values())
-
-
-def test_dict_full_tuple_and_stacked_hidden_states_give_the_same_loss():
-    cfg = TGAConfig(layers=LAYERS)
-    features, tokens, targets = _batch()
-    lm_loss, hidden = TinyVLM(torch.float32)(features, tokens)
-    args = (IMAGE_SPANS, RETRIEVED_SPANS, targets, CAPTION_VALID, 0.0, cfg)
-    from_tuple, _ = tga_loss(lm_loss, hidden, *args)
-    from_dict, _ = tga_loss(lm_loss, {layer: hidden[layer] for layer in LAYERS}, *args)
-    from_stack, _ = tga_loss(lm_loss, torch.stack([hidden[layer] for layer in LAYERS]), *args)
-    assert from_tuple.item() == from_dict.item() == from_stack.item()
 
 
 def _projector_grad(cfg, step_fraction=0.2, with_alignment=True):
@@ -235,24 +224,26 @@ def test_step_fraction_outside_unit_interval_is_refused():
         TGAConfig().term_weights(1.5)
 
 
-def test_masked_mean_is_fp32_flags_empty_spans_and_ignores_nan_outside_the_span():
+def test_span_means_are_fp32_flag_empty_spans_and_ignore_nan_outside_the_span():
     hidden = torch.randn(3, 6, 4).to(torch.bfloat16)
     hidden[0, 4:] = float("nan")
-    pooled, valid = masked_mean(hidden, _spans((1, 4), (0, 0), (0, 6)))
-    assert pooled.dtype == torch.float32 and valid.tolist() == [True, False, True]
-    torch.testing.assert_close(pooled[0], hidden[0, 1:4].float().mean(0))
-    assert pooled[1].abs().sum() == 0 and torch.isfinite(pooled).all()
-    mask = torch.zeros(3, 6, dtype=torch.bool)
-    mask[0, 1:4] = True
-    mask[2] = True
-    by_mask, valid_by_mask = masked_mean(hidden, mask)
-    torch.testing.assert_close(by_mask, pooled)
-    assert valid_by_mask.tolist() == valid.tolist()
+    pooled, valid = span_means((hidden,), _spans((1, 4), (0, 0), (0, 6)), [0])
+    assert pooled.shape == (1, 3, 4) and pooled.dtype == torch.float32
+    assert valid.tolist() == [True, False, True]
+    torch.testing.assert_close(pooled[0, 0], hidden[0, 1:4].float().mean(0))
+    assert pooled[0, 1].abs().sum() == 0 and torch.isfinite(pooled).all()
+
+
+def test_span_means_of_packed_rows_read_each_sample_in_its_row():
+    hidden = torch.randn(2, 6, 4)
+    pooled, _ = span_means((hidden,), _spans((0, 2), (3, 6), (1, 5)), [0], span_rows=torch.tensor([0, 0, 1]))
+    torch.testing.assert_close(pooled[0], torch.stack([hidden[0, 0:2].mean(0), hidden[0, 3:6].mean(0),
+                                                       hidden[1, 1:5].mean(0)]))
 
 
 def test_spans_outside_the_sequence_are_refused():
     with pytest.raises(ValueError, match="out of range"):
-        masked_mean(torch.zeros(1, 4, 2), _spans((2, 5)))
+        span_means((torch.zeros(1, 4, 2),), _spans((2, 5)), [0])
 
 
 def test_pool_caption_targets_pools_each_layer_without_gradient():

@@ -16,8 +16,9 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import ConfigError, dump_yaml, load_config
+from pipeline.mlflow_client import PARAM_VALUE_MAX_CHARS, git_commit
 from pipeline.train.plots import layer_cosine_figure, save_png
-from pipeline.train.tracking import PARAM_VALUE_MAX_CHARS, Tracker, TrackingConfig, git_commit
+from pipeline.train.tracking import Tracker, TrackingConfig
 from tests.mlflow_server import free_port, mlflow_server
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -39,16 +40,23 @@ def cosine_figure():
     return layer_cosine_figure(history[-1][1], step=2, history=history)
 
 
+def text_file(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
 @pytest.fixture(scope="module")
 def embedded_run(tmp_path_factory):
     """A job with the default config: the store is created inside a run folder that does not exist yet."""
-    run_dir = tmp_path_factory.mktemp("embedded") / "runs" / "demo"
+    root = tmp_path_factory.mktemp("embedded")
+    run_dir = root / "runs" / "demo"
     tracker = Tracker.open(TrackingConfig(), run_dir, is_main=True, run_id=None, params=PARAMS,
                            tags={"stage": "stage1", "world_size": 2})
     for step in (1, 2, 3):
         tracker.log_metrics({"loss": 1.0 / step, "cos_layer/10": 0.1 * step}, step=step)
-    tracker.log_text("train:\n  lr: 0.001\n", "config/resolved.yaml")
-    tracker.log_figure_png(cosine_figure(), "plots/alignment_step000003.png")
+    tracker.log_artifact(text_file(root / "files" / "resolved.yaml", "train:\n  lr: 0.001\n"), "config")
+    tracker.log_artifact(save_png(cosine_figure(), root / "files" / "alignment_step000003.png"), "plots")
     tracker.close()
     return run_dir, tracker
 
@@ -91,13 +99,13 @@ def test_server_run_receives_params_metrics_png_and_resolved_config(live_server,
     cfg = TrackingConfig(tracking_uri=live_server.uri, experiment="server-run", run_name="demo")
     resolved = tmp_path / "resolved.yaml"
     dump_yaml(cfg, resolved)
-    plot = save_png(cosine_figure(), tmp_path / "plots" / "any_local_name.png")
+    plot = save_png(cosine_figure(), tmp_path / "plots" / "alignment_step000004.png")
     with Tracker.open(cfg, tmp_path / "run", is_main=True, run_id=None, params=PARAMS,
                       tags={"stage": "stage1", "world_size": 1}) as tracker:
         for step in range(1, 5):
             tracker.log_metrics({"loss/lm": 2.0 - 0.1 * step, "cos_layer/20": 0.2 * step}, step=step)
         tracker.log_artifact(resolved, "config")
-        tracker.log_figure_png(plot, "plots/alignment_step000004.png")
+        tracker.log_artifact(plot, "plots")
 
     assert tracker.ui_command is None
     assert tracker.run_url.startswith(f"{live_server.uri}/#/experiments/")
@@ -166,10 +174,11 @@ def test_only_the_main_rank_creates_a_run_or_any_file(live_server, tmp_path):
     cfg = TrackingConfig(tracking_uri=live_server.uri, experiment="two-ranks")
     rank0 = Tracker.open(cfg, tmp_path, is_main=True, run_id=None, params=PARAMS, tags={})
     rank1 = Tracker.open(cfg, tmp_path, is_main=False, run_id=None, params=PARAMS, tags={})
+    note = text_file(tmp_path / "rank.txt", "x")
     for tracker in (rank0, rank1):
         tracker.log_metrics({"loss": 1.0}, step=1)
-        tracker.log_text("x", "notes/rank.txt")
-    rank1.log_figure_png(tmp_path / "drawn-on-rank0-only.png", "plots/p.png")  # no file needed off rank 0
+        tracker.log_artifact(note, "notes")
+    rank1.log_artifact(tmp_path / "drawn-on-rank0-only.png", "plots")  # no file needed off rank 0
     rank0.close()
     rank1.close()
     assert rank1.run_id is None and not rank1.active and rank1.ui_command is None
@@ -214,8 +223,8 @@ def test_invalid_names_and_values_raise_on_every_rank_before_mlflow(tmp_path):
         quiet.log_metrics({"loss!": 1.0}, step=1)
     with pytest.raises(ValueError, match="'loss' at step 3"):
         quiet.log_metrics({"loss": "high"}, step=3)
-    with pytest.raises(ValueError, match="must end with .png"):
-        quiet.log_figure_png(tmp_path / "p.jpg", "plots/p.jpg")
+    with pytest.raises(ValueError, match="'../plots'"):
+        quiet.log_artifact(tmp_path / "p.png", "../plots")
     with pytest.raises(ValueError, match="'../escape'"):
         Tracker.open(TrackingConfig(), tmp_path, is_main=False, params={"../escape": 1}, tags={})
     quiet.close()
@@ -282,13 +291,15 @@ def test_killed_server_costs_no_training_time_warns_once_and_raises_nothing(live
     cfg = TrackingConfig(tracking_uri=live_server.uri, experiment="killed")
     tracker = Tracker.open(cfg, tmp_path, is_main=True, run_id=None, params=PARAMS, tags={})
     tracker.log_metrics({"loss": 1.0}, step=1)
+    note = text_file(tmp_path / "outage.txt", "lost while down")
+    plot = save_png(cosine_figure(), tmp_path / "lost.png")
     live_server.kill()
     with caplog.at_level(logging.WARNING, logger="pipeline.train.tracking"):
         began = time.monotonic()
         for step in range(2, 8):
             tracker.log_metrics({"loss": float(step)}, step=step)
-        tracker.log_text("lost while down", "notes/outage.txt")
-        tracker.log_figure_png(cosine_figure(), "plots/lost.png")
+        tracker.log_artifact(note, "notes")
+        tracker.log_artifact(plot, "plots")
         tracker.close()
         elapsed = time.monotonic() - began
     assert elapsed < 5.0, f"logging against a dead server took {elapsed:.1f} s"

@@ -23,7 +23,7 @@ def build_tiny_llava(world, out: Path, *, insert_retrieved: bool, tracking_uri: 
     cfg = load_config(TrainConfig, None, [
         "stage=stage2", f"run_dir={out.parent / 'run'}", f"shards={world.root}", f"model.llm={world.llm}",
         f"model.vision_tower={world.clip}", "model.dtype=fp32", "model.attn_implementation=sdpa",
-        "trainable=[projector, llm]", "caption_target_cache=0", "prompt.template=tokenizer",
+        "trainable=[projector, llm]", "prompt.template=tokenizer",
         f"prompt.insert_retrieved={str(insert_retrieved).lower()}", "prompt.max_tokens=320", "tga.layers=[2, 3, 4]"])
     torch.manual_seed(0)
     assembled = build_llava(cfg.model, "cpu")

@@ -28,9 +28,9 @@ from matplotlib.figure import Figure
 
 from pipeline.analysis.model_folder import LoadedModel, ModelFolderError, load_model_folder
 from pipeline.analysis.report import add_mlflow_arguments, log_report, resolve_target
-from pipeline.data.encode import Encoded, SampleEncoder, collate
+from pipeline.data.batch import Batch, Encoded, SampleEncoder, collate
 from pipeline.data.shards import SHARD_PREFIX, ShardFormatError, iter_shard
-from pipeline.tga.loss import COS_EPS, masked_mean, pool_caption_targets
+from pipeline.tga.loss import COS_EPS, pool_caption_targets, span_means
 from pipeline.tga.prompt import Rejected
 from pipeline.train.plots import save_png
 
@@ -53,8 +53,7 @@ def sample_encoder(loaded: LoadedModel) -> SampleEncoder:
         max_tokens=settings["max_tokens"],
         # our exports pad in the LlavaImageProcessor (do_pad); a plain CLIP processor gets
         # LLaVA-1.5's pad-to-square from the encoder instead
-        pad_to_square=not getattr(image_processor, "do_pad", False),
-        image_token=loaded.processor.image_token)
+        pad_to_square=not getattr(image_processor, "do_pad", False))
 
 
 def shard_paths(folder: str | Path) -> list[Path]:
@@ -97,24 +96,22 @@ def layer_cosines(image_hidden_states, image_spans: torch.Tensor, caption_hidden
                   caption_spans: torch.Tensor, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """cos(i_b^l, t_b^l) as the TGA loss computes it: ([L,B] fp32, valid [B])."""
     targets, caption_valid = pool_caption_targets(caption_hidden_states, caption_spans, layers)
-    rows, image_valid = [], None
-    for index, layer in enumerate(layers):
-        pooled, image_valid = masked_mean(image_hidden_states[layer], image_spans)
-        rows.append(F.cosine_similarity(pooled, targets[index].to(pooled.device), dim=-1, eps=COS_EPS))
-    return torch.stack(rows), image_valid & caption_valid.to(image_valid.device)
+    pooled, image_valid = span_means(image_hidden_states, image_spans, layers)
+    cosines = F.cosine_similarity(pooled, targets.to(pooled.device), dim=-1, eps=COS_EPS)  # [L, B]
+    return cosines, image_valid & caption_valid.to(image_valid.device)
 
 
 @torch.no_grad()
-def batch_cosines(loaded: LoadedModel, batch: dict, layers: list[int]) -> torch.Tensor:
+def batch_cosines(loaded: LoadedModel, batch: Batch, layers: list[int]) -> torch.Tensor:
     """[L, B] cosines of one collated batch (every sample valid: see aligned_samples)."""
     llava = loaded.model.model  # LlavaModel: hidden states only, no logits
-    device, dtype = loaded.model.device, loaded.model.dtype
-    image = llava(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                  pixel_values=batch["pixel_values"].to(device, dtype), output_hidden_states=True)
-    caption = llava(input_ids=batch["caption_input_ids"].to(device),
-                    attention_mask=batch["caption_attention_mask"].to(device), output_hidden_states=True)
-    cosines, valid = layer_cosines(image.hidden_states, batch["image_spans"], caption.hidden_states,
-                                   batch["caption_spans"], layers)
+    batch = batch.to(loaded.model.device)
+    image = llava(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                  pixel_values=batch.pixel_values.to(loaded.model.dtype), output_hidden_states=True)
+    caption = llava(input_ids=batch.caption_input_ids, attention_mask=batch.caption_attention_mask,
+                    output_hidden_states=True)
+    cosines, valid = layer_cosines(image.hidden_states, batch.image_spans, caption.hidden_states,
+                                   batch.caption_spans, layers)
     if not bool(valid.all()):
         raise RuntimeError("a sample without image or caption span reached the alignment forward")
     return cosines.cpu()

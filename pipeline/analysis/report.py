@@ -11,22 +11,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.train.tracking import bounded_http, check_key, ensure_experiment, git_commit, param_strings
+from pipeline.mlflow_client import (
+    check_key,
+    git_commit,
+    log_files,
+    log_values,
+    param_strings,
+    send_or_warn,
+    tool_experiment,
+)
 
 if TYPE_CHECKING:
     from pipeline.analysis.model_folder import LoadedModel
 
-log = logging.getLogger(__name__)
-
 DEFAULT_EXPERIMENT = "tga-eval"
-_REQUEST_TIMEOUT_SECONDS = 10
 
 
 @dataclass(frozen=True)
@@ -86,53 +89,36 @@ def log_report(target: MlflowTarget | None, *, name: str, files: list[Path], met
     missing = [str(f) for f in files if not Path(f).is_file()]
     if missing:
         raise FileNotFoundError(f"report files to log do not exist: {', '.join(missing)}")
-    try:
-        with bounded_http(_REQUEST_TIMEOUT_SECONDS):
-            run_id = _log(target, name, files, metric_values, param_values)
-    except Exception as err:  # the store's problem: the report is on disk already
-        log.warning("MLflow at %s: report '%s' not logged (%s: %s); the files stay on disk",
-                    target.tracking_uri, name, type(err).__name__, err)
-        print(f"MLflow: report not logged ({type(err).__name__}: {err})", flush=True)
-        return None
-    print(f"MLflow: logged '{name}' into run {run_id} at {target.tracking_uri}", flush=True)
+    run_id = send_or_warn(target.tracking_uri, f"report '{name}'",
+                          lambda client: _log(client, target, name, files, metric_values, param_values))
+    if run_id is not None:
+        print(f"MLflow: logged '{name}' into run {run_id} at {target.tracking_uri}", flush=True)
     return run_id
 
 
-def _log(target: MlflowTarget, name: str, files: list[Path], metrics: dict[str, float],
+def _log(client, target: MlflowTarget, name: str, files: list[Path], metrics: dict[str, float],
          params: dict[str, str]) -> str:
-    from mlflow import MlflowClient  # slow to import: only when something is logged
-    from mlflow.entities import Metric, Param, RunTag
-
-    client = MlflowClient(tracking_uri=target.tracking_uri)
     if target.run_id is not None:
-        run_id, artifact_dir, prefix = target.run_id, f"eval/{name}", f"{name}/"
-        client.get_run(run_id)  # a wrong id fails here, before anything is written
-        tags = [RunTag(check_key("tag", f"{name}.{k}"), v) for k, v in params.items()]
-        params_rows = []
-    else:
-        experiment_id = ensure_experiment(client, target.experiment, artifact_location(target.tracking_uri),
-                                       target.tracking_uri)
-        run = client.create_run(experiment_id, run_name=name, tags={
-            "tga.tool": name, "tga.model": target.model_name, "git_commit": git_commit()})
-        run_id, artifact_dir, prefix = run.info.run_id, None, ""
-        tags, params_rows = [], [Param(k, v) for k, v in sorted(params.items())]
-    stamp = int(time.time() * 1000)
-    rows = [Metric(prefix + k, v, stamp, 0) for k, v in metrics.items()]
-    client.log_batch(run_id, metrics=rows, params=params_rows, tags=tags, synchronous=True)
-    for path in files:
-        client.log_artifact(run_id, str(path), artifact_dir)
-    if artifact_dir is not None:
-        with tempfile.TemporaryDirectory() as tmp:  # the params of this report, kept with its files
-            staged = Path(tmp) / "params.json"
-            staged.write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
-            client.log_artifact(run_id, str(staged), artifact_dir)
-    else:
-        client.set_terminated(run_id, "FINISHED")
-    return run_id
+        _log_into_run(client, target.run_id, name, files, metrics, params)
+        return target.run_id
+    experiment_id = tool_experiment(client, target.tracking_uri, target.experiment)
+    run = client.create_run(experiment_id, run_name=name, tags={
+        "tga.tool": name, "tga.model": target.model_name, "git_commit": git_commit()})
+    log_values(client, run.info.run_id, metrics=metrics, params=params)
+    log_files(client, run.info.run_id, files)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
 
 
-def artifact_location(uri: str) -> str | None:
-    """Artifacts next to a local sqlite store (MLflow's default is relative to the working directory)."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
-    return None
+def _log_into_run(client, run_id: str, name: str, files: list[Path], metrics: dict[str, float],
+                  params: dict[str, str]) -> None:
+    """Everything under the report's own names, so it cannot clash with the training's or another tool's."""
+    client.get_run(run_id)  # a wrong id fails here, before anything is written
+    artifact_dir = f"eval/{name}"
+    log_values(client, run_id, metrics={f"{name}/{k}": v for k, v in metrics.items()},
+               tags={check_key("tag", f"{name}.{k}"): v for k, v in params.items()})
+    log_files(client, run_id, files, artifact_dir)
+    with tempfile.TemporaryDirectory() as tmp:  # the params of this report, kept with its files
+        staged = Path(tmp) / "params.json"
+        staged.write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
+        client.log_artifact(run_id, str(staged), artifact_dir)

@@ -28,12 +28,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pipeline.analysis.model_folder import LoadedModel, ModelFolderError, chat_prompt, load_model_folder, text_parts
+from pipeline.data.llava import IMAGE_TOKEN
 from pipeline.analysis.report import add_mlflow_arguments, log_report, resolve_target
 from pipeline.train.plots import save_png
 
 DEFAULT_REFUSAL_WORDS = ("Sorry", "sorry", "I", "Unfortunately")
 TOOL = "safety_layers"
-_IMAGE_TOKEN = "<image>"
 _NEUTRAL_QUESTION = "Hello"  # any question: only the template's generation prompt matters
 
 
@@ -85,7 +85,7 @@ def _prompt_of(item, where: str) -> str:
         human = [t.get("value") for t in item["conversations"] if isinstance(t, dict) and t.get("from") == "human"]
         if not human or not isinstance(human[0], str):
             raise ValueError(f"{where}: LLaVA record without a human turn")
-        text = human[0].replace(_IMAGE_TOKEN, "")
+        text = human[0].replace(IMAGE_TOKEN, "")
     else:
         raise ValueError(f"{where}: expected a string, an object with 'prompt' or 'text', or a LLaVA "
                          f"record with 'conversations'; got {str(item)[:80]!r}")

@@ -17,6 +17,8 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Literal
 
+# The placeholder of LLaVA data, and the token the model's tokenizer gets for it: the one spelling
+# every stage (join, training, export, evaluation) uses.
 IMAGE_TOKEN = "<image>"
 
 # Every reason a record can be rejected for; rejects.parquet and stats.json use these strings.
@@ -204,6 +206,8 @@ def _conversation_problem(conversations: list) -> str | None:
             return f"turn {i} is from {turn.get('from')!r}, expected {expected!r} (roles must alternate, human first)"
     if len(conversations) < 2:
         return "no gpt answer"
+    if len(conversations) % 2:
+        return f"turn {len(conversations) - 1} is a human turn without an answer"
     return None
 
 

@@ -26,6 +26,8 @@ from typing import Any, Iterator, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.atomic import atomic_path
+
 SHARD_PREFIX = "train-"
 _KEY = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -156,24 +158,19 @@ def read_table_rows(path: Path) -> list[dict]:
 
 
 def write_stats(path: Path, stats: dict[str, Any]) -> None:
-    _atomic_write(Path(path), (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
-
-
-def read_stats(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
 
 
 def _write_parquet(path: Path, rows: list[dict], schema: pa.Schema) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
-    _atomic_write(Path(path), sink.getvalue().to_pybytes())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(sink.getvalue().to_pybytes())
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
 
 
 def check_shard_count(n_shards: int, world_size: int, workers: int) -> str | None:

@@ -37,8 +37,9 @@ import yaml
 from pipeline.config import ConfigError, InputPath, load_config
 from pipeline.eval import ablation_results, ablation_tracking
 from pipeline.eval.queries import default_image_root
+from pipeline.mlflow_client import embedded_tracking_uri
+from pipeline.train.run_folder import RunFolder
 
-PROJECTOR = Path("export/projector.safetensors")  # what a training run writes when it finished
 ALIGNMENT_OPTIONS = ("--device", "--dtype", "--batch-size")  # eval.args the alignment tool takes too
 
 
@@ -106,7 +107,7 @@ def export_dir(cfg: AblationConfig) -> Path:
 def plan(cfg: AblationConfig, python: str = sys.executable) -> list[Step]:
     """The ablation's steps in order; pure, so `--dry-run` and the tests see exactly what runs."""
     py = [python, "-m"]
-    run1, run2 = cfg.train_dir / "runs" / "stage1", cfg.train_dir / "runs" / "stage2"
+    run1, run2 = RunFolder(cfg.train_dir / "runs" / "stage1"), RunFolder(cfg.train_dir / "runs" / "stage2")
     steps = []
     if cfg.tiny_world is not None:
         world_files = (cfg.tiny_world / "world.json", *eval_files(cfg).values())
@@ -117,13 +118,14 @@ def plan(cfg: AblationConfig, python: str = sys.executable) -> list[Step]:
     steps += [Step(f"retrieval_join {r.config}", [*py, "stages.retrieval_join", "--config", str(r.config), *r.overrides])
               for r in cfg.training_joins]
     launch_env = {"PYTHON": python, **cfg.launch_env}
-    steps.append(Step("stage1", ["bash", "launch/stage1.sh", *cfg.stage1.overrides, f"run_dir={run1}"],
-                      {**launch_env, "CONFIG": str(cfg.stage1.config)}, (run1 / PROJECTOR,), run1 / PROJECTOR))
-    steps.append(Step("stage2", ["bash", "launch/stage2.sh", *cfg.stage2.overrides, f"run_dir={run2}",
-                                 f"model.projector={run1 / PROJECTOR}"],
-                      {**launch_env, "CONFIG": str(cfg.stage2.config)}, (run2 / PROJECTOR,), run2 / PROJECTOR))
+    # a run's exported projector is there exactly when the run finished
+    steps.append(Step("stage1", ["bash", "launch/stage1.sh", *cfg.stage1.overrides, f"run_dir={run1.path}"],
+                      {**launch_env, "CONFIG": str(cfg.stage1.config)}, (run1.projector,), run1.projector))
+    steps.append(Step("stage2", ["bash", "launch/stage2.sh", *cfg.stage2.overrides, f"run_dir={run2.path}",
+                                 f"model.projector={run1.projector}"],
+                      {**launch_env, "CONFIG": str(cfg.stage2.config)}, (run2.projector,), run2.projector))
     model = export_dir(cfg)
-    steps.append(Step("export", [*py, "pipeline.export", "--checkpoint", str(run2 / "checkpoints"), "--out", str(model)],
+    steps.append(Step("export", [*py, "pipeline.export", "--checkpoint", str(run2.checkpoints), "--out", str(model)],
                       skip_if=(model / "config.json",), produces=model / "config.json"))
     steps += _no_toxic_index_steps(cfg, py)
     for name, path in eval_files(cfg).items():
@@ -315,7 +317,7 @@ def run_suite(configs: list[AblationConfig], args: argparse.Namespace, command: 
     if args.no_mlflow:
         print("MLflow: off (--no-mlflow); results are only on disk", flush=True)
     else:
-        uri = args.mlflow_uri or ablation_tracking.default_tracking_uri(args.out)
+        uri = args.mlflow_uri or embedded_tracking_uri(args.out)
         ablation_tracking.log_suite(uri, args.mlflow_experiment, results, files, seeds=args.seeds,
                                     command=command)
     return results

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.llava import IMAGE_TOKEN
+
 IMAGE = "image"
 TEXT = "text"
 
@@ -83,7 +85,7 @@ def group_of(record: dict, fields: tuple[str, ...], source: Path) -> str:
 
 
 def image_query(record: dict, *, group: str, image_root: Path, retrieved_text: str | None,
-                source: Path, image_token: str = "<image>") -> Query:
+                source: Path, image_token: str = IMAGE_TOKEN) -> Query:
     """The record's first human turn with its image; its gpt answer becomes the reference."""
     question, answer = first_turns(record, source)
     if question.count(image_token) != 1 or not record.get("image"):

@@ -4,7 +4,7 @@ Training reads `retrieved` from the shards that `stages.retrieval_join` writes (
 embedding -> faiss search of the caption index -> self/near-duplicate filter). The eval tools do
 not search the index themselves: the eval JSON goes through the same join (its own config, output
 folder), and its shards are read here, so eval images meet the index through the very code path
-training images did. The prompt then takes `retrieved[0]["text"]`, as `pipeline.data.encode` does.
+training images did. The prompt then takes `retrieved[0]["text"]`, as `pipeline.data.batch` does.
 
 Accepted sources: a retrieval-join output folder (its `train-*.tar` shards), one shard `.tar`, or
 a JSON/JSONL file of `{"id", "retrieved": [{"text", ...}]}` for texts retrieved some other way.

@@ -31,6 +31,7 @@ from transformers.integrations import deepspeed as deepspeed_integration
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from pipeline.config import InputPath
+from pipeline.data.llava import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ class ModelConfig:
     vision_tower: InputPath              # CLIP folder (CLIPModel or CLIPVisionModel)
     tokenizer: InputPath | None = None
     projector: InputPath | None = None   # stage-1 export (ours or LLaVA's mm_projector naming)
-    image_token: str = "<image>"
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
@@ -91,8 +91,8 @@ def resolve_dtype(requested: str, device_type: str) -> torch.dtype:
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.llm)
-    if cfg.image_token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [cfg.image_token]})
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
@@ -108,7 +108,7 @@ def build_llava(cfg: ModelConfig, device_type: str = "cpu") -> AssembledModel:
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids(cfg.image_token),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
         projector_hidden_act="gelu",            # mlp2x_gelu
         vision_feature_layer=-2,
@@ -133,16 +133,6 @@ def build_llava(cfg: ModelConfig, device_type: str = "cpu") -> AssembledModel:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     processor = CLIPImageProcessor.from_pretrained(cfg.vision_tower)
     return AssembledModel(model, tokenizer, processor, config.image_seq_length)
-
-
-def load_exported(folder: Path, device_type: str = "cpu", attn: str = "auto") -> AssembledModel:
-    """A full Llava folder (our export or any HF LLaVA checkpoint)."""
-    dtype = resolve_dtype("auto", device_type)
-    model = LlavaForConditionalGeneration.from_pretrained(
-        folder, dtype=dtype, attn_implementation=resolve_attention(attn, device_type, dtype))
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    processor = CLIPImageProcessor.from_pretrained(folder)
-    return AssembledModel(model, tokenizer, processor, model.config.image_seq_length)
 
 
 def apply_freeze(model: LlavaForConditionalGeneration, trainable: list[str]) -> list[str]:

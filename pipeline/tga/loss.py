@@ -12,12 +12,13 @@ Where the reference code went wrong, and what stands here instead:
   `detach_alignment` reproduces the released behaviour on purpose (value logged, no gradient);
 - its pooled spans could be empty and made NaN: here empty spans are masked out, all-invalid batches
   give an exact 0 that is still part of the graph, and no NaN can reach the backward pass.
-Pooling gathers span positions (no boolean indexing, no masked copies of the hidden states); the only
-host sync is the span range check.
+The loss reads the per-layer hidden states as the model returns them (stacking 9 layers of a 7B
+batch would copy ~1.7 GB); pooling gathers span positions (no boolean indexing, no masked copies),
+and the only host sync is the span range check.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -47,6 +48,11 @@ class TGAConfig:
             raise ValueError(f"weights must be >= 0, got align_weight={self.align_weight}, "
                              f"pair_weight={self.pair_weight}")
 
+    @property
+    def enabled(self) -> bool:
+        """Whether TGA adds anything to the LM loss (both terms off: plain LLaVA training)."""
+        return self.align_on or self.pair_on
+
     def term_weights(self, step_fraction: float) -> tuple[float, float]:
         """(alignment, pair) weights at training progress s, zero for a term that is off."""
         if not 0.0 <= step_fraction <= 1.0:
@@ -57,68 +63,58 @@ class TGAConfig:
         return align, pair
 
 
-def masked_mean(hidden: torch.Tensor, spans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean over positions: hidden [B,T,D], spans [B,2] half-open (start, end) or a bool mask [B,T].
+def span_means(hidden_states: Sequence[torch.Tensor], spans: torch.Tensor, layers: list[int],
+               span_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over each sample's span at each layer: ([L,B,D] fp32, nonempty [B]).
 
-    Returns ([B,D] fp32, valid [B]); rows with no position are zeros and invalid. Positions outside
-    the mask are replaced, not multiplied by zero, so NaN or inf there cannot leak in.
-    """
-    batch, length, _ = hidden.shape
-    mask = _as_mask(spans, batch, length, hidden.device)
-    count = mask.sum(dim=1)
-    summed = hidden.masked_fill(~mask[..., None], 0).sum(dim=1, dtype=torch.float32)
-    return summed / count.clamp(min=1)[:, None], count > 0
+    `hidden_states`: the model's tuple (index 0 = embeddings), each [R,T,D]; spans [B,2] half-open,
+    (0, 0) for none; `span_rows` [B] the row of each sample (packed batches), default row b."""
+    _check_layers(layers, len(hidden_states))
+    rows, length, _ = hidden_states[0].shape
+    pool = SpanPool(spans, span_rows, rows, length, hidden_states[0].device)
+    return torch.stack([pool(hidden_states[layer]) for layer in layers]), pool.nonempty
 
 
 def pool_caption_targets(hidden_states: Sequence[torch.Tensor], caption_spans: torch.Tensor,
                          layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """t_b^l from the text-only forward's `hidden_states` tuple: ([L,B,D] fp32, valid [B])."""
-    _check_layers(layers, len(hidden_states))
-    batch, length, _ = hidden_states[0].shape
-    mask = _as_mask(caption_spans, batch, length, hidden_states[0].device)
     with torch.no_grad():
-        pooled = torch.stack([masked_mean(hidden_states[layer], mask)[0] for layer in layers])
-    return pooled, mask.any(dim=1)
+        return span_means(hidden_states, caption_spans, layers)
 
 
-def tga_loss(lm_loss: torch.Tensor, image_hidden, image_spans: torch.Tensor,
+def tga_loss(lm_loss: torch.Tensor, hidden_states: Sequence[torch.Tensor], image_spans: torch.Tensor,
              retrieved_spans: torch.Tensor, caption_targets: torch.Tensor, caption_valid: torch.Tensor,
              step_fraction: float, cfg: TGAConfig, span_rows: torch.Tensor | None = None,
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
     """Total loss and its detached parts for logging.
 
-    image_hidden: the multimodal forward's hidden states as {layer: [B,T,D]}, as its full
-    `hidden_states` tuple (indexed by layer), or stacked [L,B,T,D] in `cfg.layers` order.
-    Spans [B,2] are half-open token ranges, (0, 0) for none, or bool masks [B,T]; caption_targets
-    [L,B,D] and caption_valid [B] come from `pool_caption_targets`. With packed rows
-    (pipeline.tga.prompt.pack) the hidden states have fewer rows than there are samples:
-    `span_rows` [B] names the row each sample's spans index.
-    A sample counts for the alignment term when it has an image span and a caption target, and
-    for the pair term when it also has a retrieved span. Means run over valid (layer, sample) pairs;
-    with none valid a term is exactly 0. Parts: lm, align, pair (unweighted means), align_weight,
-    pair_weight (effective), n_valid, n_pair_valid and cos_layer/<l> (mean cos(i, t) over valid
-    samples, 0 when none: combine across ranks weighted by n_valid).
+    hidden_states: the multimodal forward's tuple (index = layer, 0 = embeddings), each [R,T,D];
+    spans [B,2] are half-open token ranges, (0, 0) for none, in row `span_rows[b]` (packed rows,
+    pipeline.data.batch; default row b); caption_targets [L,B,D] and caption_valid [B] come from
+    `pool_caption_targets`. A sample counts for the alignment term when it has an image span and a
+    caption target, and for the pair term when it also has a retrieved span. Means run over valid
+    (layer, sample) pairs; with none valid a term is exactly 0. Parts: lm, align, pair (unweighted
+    means), align_weight, pair_weight (effective), n_valid, n_pair_valid and cos_layer/<l> (mean
+    cos(i, t) over valid samples, 0 when none: combine across ranks weighted by n_valid).
     """
-    per_layer = _per_layer(image_hidden, cfg.layers)
+    _check_layers(cfg.layers, len(hidden_states))
     if caption_targets.shape[0] != len(cfg.layers):
         raise ValueError(f"caption_targets has {caption_targets.shape[0]} layers, cfg.layers has "
                          f"{len(cfg.layers)}")
-    align_w, pair_w = cfg.term_weights(step_fraction)
-
-    rows, length, _ = per_layer[0].shape
-    device = per_layer[0].device
-    image_pool = _SpanPool(image_spans, span_rows, len(caption_valid), rows, length, device)  # once for all layers
-    retrieved_pool = _SpanPool(retrieved_spans, span_rows, len(caption_valid), rows, length, device)
+    rows, length, _ = hidden_states[0].shape
+    device = hidden_states[0].device
+    image_pool = SpanPool(image_spans, span_rows, rows, length, device)  # once for all layers
+    retrieved_pool = SpanPool(retrieved_spans, span_rows, rows, length, device)
     valid = image_pool.nonempty & caption_valid.to(device=device, dtype=torch.bool)
     pair_valid = valid & retrieved_pool.nonempty
     n_valid, n_pair_valid = valid.sum(), pair_valid.sum()
 
     exp_align, exp_pair, parts = [], [], {}
-    for index, (layer, hidden) in enumerate(zip(cfg.layers, per_layer)):
+    for index, layer in enumerate(cfg.layers):
         # rows of samples that do not count are zeroed before any arithmetic: a masked-out NaN
         # would still turn into NaN gradients through the cosine (0 * NaN)
-        image = torch.where(valid[:, None], image_pool(hidden), 0.0)
-        retrieved = torch.where(pair_valid[:, None], retrieved_pool(hidden), 0.0)
+        image = torch.where(valid[:, None], image_pool(hidden_states[layer]), 0.0)
+        retrieved = torch.where(pair_valid[:, None], retrieved_pool(hidden_states[layer]), 0.0)
         target = torch.where(valid[:, None], caption_targets[index].detach().float(), 0.0)  # no-grad
         cos_image = F.cosine_similarity(image, target, dim=-1, eps=COS_EPS)  # [B]
         cos_retrieved = F.cosine_similarity(retrieved, target, dim=-1, eps=COS_EPS)
@@ -132,7 +128,7 @@ def tga_loss(lm_loss: torch.Tensor, image_hidden, image_spans: torch.Tensor,
     pair = torch.stack(exp_pair).sum() / (n_pair_valid * len(cfg.layers)).clamp(min=1)
     if cfg.detach_alignment:
         align, pair = align.detach(), pair.detach()
-
+    align_w, pair_w = cfg.term_weights(step_fraction)
     total = lm_loss.float()
     if align_w:
         total = total + align_w * align
@@ -143,28 +139,20 @@ def tga_loss(lm_loss: torch.Tensor, image_hidden, image_spans: torch.Tensor,
     return total, parts
 
 
-class _SpanPool:
-    """Mean over each sample's span of a [R,T,D] hidden state, as [B,D] fp32.
+class SpanPool:
+    """Mean over each sample's span of a [R,T,D] hidden state, as [B,D] fp32; rows without a span
+    are zeros (`nonempty` False).
 
     Span positions are gathered (index_select), never multiplied by a mask: no copy of the whole
     hidden state, and a NaN outside a span cannot leak in. The indices are built once per batch and
     reused for every layer; the range check is the one host sync.
     """
 
-    def __init__(self, spans: torch.Tensor, span_rows: torch.Tensor | None, batch: int, rows: int,
-                 length: int, device: torch.device):
-        self.batch = batch
-        if spans.dtype == torch.bool:  # masks [B,T]: one row per sample
-            if span_rows is not None:
-                raise ValueError("span_rows needs (start, end) spans, not masks")
-            if rows != batch:
-                raise ValueError(f"hidden states have {rows} rows for {batch} samples")
-            self.mask = _as_mask(spans, batch, length, device)
-            self.nonempty = self.mask.any(dim=1)
-            return
-        self.mask = None
-        if spans.shape != (batch, 2):
-            raise ValueError(f"spans must be [B,2] = {[batch, 2]} (start, end), got {list(spans.shape)}")
+    def __init__(self, spans: torch.Tensor, span_rows: torch.Tensor | None, rows: int, length: int,
+                 device: torch.device):
+        batch = len(spans)
+        if spans.dim() != 2 or spans.shape[1] != 2:
+            raise ValueError(f"spans must be [B,2] (start, end), got {list(spans.shape)}")
         if span_rows is None:
             if rows != batch:
                 raise ValueError(f"hidden states have {rows} rows for {batch} samples: packed batches "
@@ -179,6 +167,7 @@ class _SpanPool:
             raise ValueError(f"spans out of range [0, {length}]: {bounds}")
         lengths = [max(end - start, 0) for start, end in bounds]
         flat = [row * length + p for (start, end), row in zip(bounds, row_ids) for p in range(start, end)]
+        self.batch = batch
         self.index = torch.tensor(flat, dtype=torch.long, device=device)
         self.segment = torch.repeat_interleave(torch.arange(batch, device=device),
                                                torch.tensor(lengths, device=device), output_size=len(flat))
@@ -186,42 +175,9 @@ class _SpanPool:
         self.nonempty = torch.tensor(lengths, device=device) > 0
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.mask is not None:
-            return masked_mean(hidden, self.mask)[0]
         gathered = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.index).float()
         summed = torch.zeros(self.batch, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
         return summed.index_add(0, self.segment, gathered) / self.count
-
-
-def _as_mask(spans: torch.Tensor, batch: int, length: int, device: torch.device) -> torch.Tensor:
-    spans = spans.to(device)
-    if spans.dtype == torch.bool:
-        if spans.shape != (batch, length):
-            raise ValueError(f"mask must be [B,T] = {[batch, length]}, got {list(spans.shape)}")
-        return spans
-    if spans.shape != (batch, 2):
-        raise ValueError(f"spans must be [B,2] = {[batch, 2]} (start, end), got {list(spans.shape)}")
-    start, end = spans[:, 0:1], spans[:, 1:2]
-    positions = torch.arange(length, device=device)[None, :]
-    # a span past the sequence end would silently pool fewer tokens: that is a batching bug
-    if bool(((spans < 0) | (spans > length)).any()):
-        raise ValueError(f"spans out of range [0, {length}]: {spans.tolist()}")
-    return (positions >= start) & (positions < end)
-
-
-def _per_layer(image_hidden, layers: list[int]) -> list[torch.Tensor]:
-    if isinstance(image_hidden, Mapping):
-        missing = [layer for layer in layers if layer not in image_hidden]
-        if missing:
-            raise ValueError(f"image_hidden lacks layers {missing}; has {sorted(image_hidden)}")
-        return [image_hidden[layer] for layer in layers]
-    if isinstance(image_hidden, torch.Tensor):
-        if image_hidden.dim() != 4 or image_hidden.shape[0] != len(layers):
-            raise ValueError(f"stacked image_hidden must be [L={len(layers)},B,T,D], "
-                             f"got {list(image_hidden.shape)}")
-        return list(image_hidden.unbind(0))
-    _check_layers(layers, len(image_hidden))
-    return [image_hidden[layer] for layer in layers]
 
 
 def _check_layers(layers: list[int], available: int) -> None:

@@ -16,8 +16,8 @@ pooling keeps every token that carries the segment's characters.
 from __future__ import annotations
 
 from dataclasses import dataclass
-import torch
 
+from pipeline.data.llava import IMAGE_TOKEN
 from pipeline.tga.templates import ChatTemplate, get_template, render
 
 IGNORE_INDEX = -100  # label of every token the LM loss must skip (transformers' convention)
@@ -40,31 +40,28 @@ class EncodedSample:
 
 @dataclass(frozen=True)
 class Rejected:
-    reason: str  # here: image_truncated, no_answer_tokens, image_not_in_first_turn, multiple_images
+    reason: str  # image_truncated or no_answer_tokens: what only the tokenization can tell
     detail: str = ""
 
 
 def build_sample(tokenizer, conversations: list[dict], *, template: str, image_caption: str | None,
                  retrieved_text: str | None, insert_retrieved: bool, num_image_tokens: int,
-                 max_tokens: int, image_token: str = "<image>") -> EncodedSample | Rejected:
-    """Encode one LLaVA sample (`conversations`: [{from: human|gpt, value}], human first).
+                 max_tokens: int, image_token: str = IMAGE_TOKEN) -> EncodedSample | Rejected:
+    """Encode one LLaVA sample (`conversations`: [{from: human|gpt, value}], human first, valid
+    as the retrieval join checks it: at most one image placeholder, in the first turn).
 
     The first human turn becomes `Retrieved Text: {retrieved}. <image>\n{question}` (the
     retrieved part only when `insert_retrieved` and a text is given). Both the multimodal prompt
     and the caption prompt are cut to `max_tokens`; a cut through the image is a rejection, as is
-    a sample left without answer tokens. Content problems come back as `Rejected` (the caller
-    counts and skips them); malformed input raises ValueError.
+    a sample left without answer tokens: both come back as `Rejected` (the caller counts and
+    skips them).
     """
     spec = get_template(template)
-    turns = _turns(conversations)
+    # chat templates that trim would lose spans
+    turns = [(_ROLES[turn["from"]], turn["value"].strip()) for turn in conversations]
     if num_image_tokens < 1 or max_tokens < 1:
         raise ValueError(f"num_image_tokens and max_tokens must be >= 1, got {num_image_tokens}, {max_tokens}")
-    placements = [i for i, (_, text) in enumerate(turns) if image_token in text]
-    if sum(text.count(image_token) for _, text in turns) > 1:
-        return Rejected("multiple_images", f"{image_token} appears more than once")
-    if placements and placements != [0]:
-        return Rejected("image_not_in_first_turn", f"{image_token} is in turn {placements[0]}")
-    has_image = bool(placements)
+    has_image = image_token in turns[0][1]
     image_token_id = _image_token_id(tokenizer, image_token) if has_image else None
 
     retrieved = _clean(retrieved_text, image_token) if insert_retrieved else None
@@ -102,117 +99,6 @@ def build_sample(tokenizer, conversations: list[dict], *, template: str, image_c
     caption_ids, caption_span = _caption_prompt(tokenizer, spec, _clean(image_caption, image_token),
                                                 max_tokens)
     return EncodedSample(ids, labels, image_span, retrieved_span, caption_ids, caption_span)
-
-
-def collate(samples: list[EncodedSample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; absent spans become (0, 0), which TGA treats as empty."""
-    input_ids = [s.input_ids for s in samples]
-    return {
-        "input_ids": _pad(input_ids, pad_id),
-        "attention_mask": _pad([[1] * len(r) for r in input_ids], 0),
-        "labels": _pad([s.labels for s in samples], IGNORE_INDEX),
-        "image_spans": _spans([s.image_span for s in samples]),
-        "retrieved_spans": _spans([s.retrieved_span for s in samples]),
-        **_collate_captions(samples, pad_id),
-    }
-
-
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
-    width = max(1, max(len(r) for r in rows))
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
-
-
-def _spans(values: list[Span | None]) -> torch.Tensor:
-    return torch.tensor([v if v is not None else (0, 0) for v in values], dtype=torch.long)
-
-
-def _collate_captions(samples: list[EncodedSample], pad_id: int) -> dict[str, torch.Tensor]:
-    """The right-padded caption batch of the TGA text forward (both layouts use it)."""
-    # A sample without caption gets one attended pad token: a fully masked attention row turns
-    # into NaN in SDPA. Its caption span stays (0, 0), so it never reaches the loss.
-    captions = [s.caption_input_ids or [pad_id] for s in samples]
-    return {
-        "caption_input_ids": _pad(captions, pad_id),
-        "caption_attention_mask": _pad([[1] * len(r) for r in captions], 0),
-        "caption_spans": _spans([s.caption_span for s in samples]),
-    }
-
-
-def pack(samples: list[EncodedSample], pad_id: int, single_row: bool = True) -> dict[str, torch.Tensor | None]:
-    """Padding-free micro-batch: samples concatenated into rows, position ids restarting per sample.
-
-    `attention_mask` is None: transformers then keeps attention inside each sample (flash-attention
-    2: varlen kernels from the position ids, which needs `single_row`; SDPA/eager: a block-diagonal
-    causal mask). Without `single_row`, samples go first-fit-decreasing into rows as long as the
-    longest sample, so a dense masked attention costs no more than the padded batch did; the few
-    pad tokens that end a row form a segment of their own with ignored labels.
-    `order` lists the samples in the order they were placed (row by row): spans, captions and
-    `span_rows` follow it, and so must images and keys. The label of each sample's first token is
-    ignored: under the LM's one-token shift it is the target of the previous sample's last position.
-    """
-    lengths = [len(s.input_ids) for s in samples]
-    if single_row:
-        rows = [list(range(len(samples)))]
-    else:
-        capacity, rows, room = max(lengths), [], []
-        for index in sorted(range(len(samples)), key=lambda i: -lengths[i]):  # stable
-            row = next((r for r, free in enumerate(room) if free >= lengths[index]), len(rows))
-            if row == len(rows):
-                rows.append([])
-                room.append(capacity)
-            rows[row].append(index)
-            room[row] -= lengths[index]
-    width = max(sum(lengths[i] for i in row) for row in rows)
-    order, span_rows, offsets = [], [], []
-    input_ids, labels, position_ids = [], [], []
-    for r, row in enumerate(rows):
-        ids, labs, pos = [], [], []
-        for index in row:
-            sample = samples[index]
-            order.append(index), span_rows.append(r), offsets.append(len(ids))
-            ids += sample.input_ids
-            labs += [IGNORE_INDEX] + sample.labels[1:]
-            pos += range(len(sample.input_ids))
-        fill = width - len(ids)
-        input_ids.append(ids + [pad_id] * fill)
-        labels.append(labs + [IGNORE_INDEX] * fill)
-        position_ids.append(pos + list(range(fill)))
-    placed = [samples[i] for i in order]
-
-    def shifted(values: list[Span | None]) -> torch.Tensor:
-        return torch.tensor([(v[0] + o, v[1] + o) if v is not None else (0, 0)
-                             for v, o in zip(values, offsets)], dtype=torch.long)
-
-    return {
-        "input_ids": torch.tensor(input_ids, dtype=torch.long),
-        "attention_mask": None,
-        "position_ids": torch.tensor(position_ids, dtype=torch.long),
-        "labels": torch.tensor(labels, dtype=torch.long),
-        "image_spans": shifted([s.image_span for s in placed]),
-        "retrieved_spans": shifted([s.retrieved_span for s in placed]),
-        "span_rows": torch.tensor(span_rows, dtype=torch.long),
-        "seq_lens": torch.tensor([lengths[i] for i in order], dtype=torch.long),
-        "order": order,
-        **_collate_captions(placed, pad_id),
-    }
-
-
-def _turns(conversations: list[dict]) -> list[tuple[str, str]]:
-    if not conversations:
-        raise ValueError("conversation is empty")
-    turns = []
-    for i, turn in enumerate(conversations):
-        role, value = turn.get("from"), turn.get("value")
-        if role not in _ROLES or not isinstance(value, str):
-            raise ValueError(f"conversation turn {i}: expected {{from: human|gpt, value: str}}, got {turn!r}")
-        expected = "human" if i % 2 == 0 else "gpt"
-        if role != expected:
-            raise ValueError(f"conversation turn {i}: expected '{expected}' (turns alternate, human first), "
-                             f"got '{role}'")
-        turns.append((_ROLES[role], value.strip()))  # chat templates that trim would lose spans
-    if turns[-1][0] != "assistant":
-        raise ValueError("conversation ends with a human turn that has no answer")
-    return turns
 
 
 def _clean(text: str | None, image_token: str) -> str | None:

@@ -5,11 +5,15 @@ Layout of `<run_dir>/checkpoints/`:
     global_step<N>/
         zero_pp_rank_<r>_mp_rank_00_optim_states.pt   DeepSpeed: rank r's ZeRO-3 partition (fp32
                                                       weights, optimizer moments)
-        zero_pp_rank_<r>_mp_rank_00_model_states.pt   DeepSpeed: shapes, scheduler and our
-                                                      client_state (step, run id, config)
-        rank_<r>.pt    what only rank r knows (data-loader position, RNG states)
+        zero_pp_rank_<r>_mp_rank_00_model_states.pt   DeepSpeed: shapes, scheduler and, as its
+                                                      client_state, our global state (the same
+                                                      on every rank: step, epoch, run id)
+        rank_<r>.pt    our per-rank state: what only rank r knows (data-loader position, RNG states)
         COMPLETE       JSON {step, world_size, time, tag}, written by rank 0 after every rank wrote
     latest             "global_step<N>" of the newest complete checkpoint (DeepSpeed's format)
+
+The checkpointer is handed the objects that resume once, as `Stateful`s (`state_dict()` /
+`load_state_dict()`, torchtitan's pattern): `save(step)` and `load()` gather and restore them.
 
 A save is atomic by ordering: every rank writes its files, a barrier, then rank 0 writes COMPLETE
 and replaces `latest` (tmp file + os.replace). A rank killed at any point leaves a folder without
@@ -20,16 +24,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
-import torch.distributed as dist
+
+from pipeline.atomic import atomic_path
+from pipeline.train.distributed import barrier, rank_and_world
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +72,17 @@ class CheckpointConfig:
             raise ValueError("checkpoint.resume_step is set but checkpoint.resume is 'never'")
 
 
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 @dataclasses.dataclass(frozen=True)
-class LoadedCheckpoint:
+class Restored:
     step: int
-    client_state: dict[str, Any]
-    # None only after a universal-checkpoint resume on a different world size (see load()).
-    extra_per_rank: dict[str, Any] | None
+    # False only after a universal-checkpoint resume on a different world size (see load()).
+    rank_state: bool
 
 
 def step_tag(step: int) -> str:
@@ -149,56 +159,63 @@ def export_full_state_dict(ckpt_dir: str | Path, step: int) -> dict[str, torch.T
 
 
 class Checkpointer:
-    """Saves and restores a DeepSpeed engine plus per-rank extra state under `ckpt_dir`.
+    """Saves and restores a DeepSpeed engine plus our state objects under `ckpt_dir`.
 
-    `save` and `load` are collectives: every rank calls them at the same step. The engine seam is
-    `save_checkpoint`, `load_checkpoint` and `load_universal_checkpoint` of a DeepSpeedEngine.
+    `global_state`: objects whose state is the same on every rank (stored once per rank by
+    DeepSpeed, restored from this rank's copy); `rank_state`: objects whose state is this rank's
+    own. `save` and `load` are collectives: every rank calls them at the same step. The engine seam
+    is `save_checkpoint`, `load_checkpoint` and `load_universal_checkpoint` of a DeepSpeedEngine.
     """
 
-    def __init__(self, ckpt_dir: str | Path, cfg: CheckpointConfig, engine):
+    def __init__(self, ckpt_dir: str | Path, cfg: CheckpointConfig, engine, *,
+                 global_state: dict[str, Stateful] | None = None, rank_state: dict[str, Stateful] | None = None):
         self.ckpt_dir = Path(ckpt_dir)
         self.cfg = cfg
         self.engine = engine
+        self.global_state, self.rank_state = dict(global_state or {}), dict(rank_state or {})
         self._last_saved: int | None = None  # kept in memory: every rank must decide alike
 
     def is_due(self, step: int) -> bool:
         """Whether `step` gets a periodic save."""
         return step > 0 and step % self.cfg.every_steps == 0
 
-    def save(self, step: int, client_state: dict[str, Any], extra_per_rank: dict[str, Any]) -> Path:
-        """Write checkpoint `step`; `client_state` is global (same on all ranks), `extra_per_rank` not."""
+    def save(self, step: int) -> Path:
+        """Write checkpoint `step` with the current state of every object."""
         tag = step_tag(step)
         step_dir = self.ckpt_dir / tag
         if step == self._last_saved:
             log.info("checkpoint %s already holds this state; not saving it again", step_dir)
             return step_dir
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         started = time.monotonic()
         if rank == 0 and step_dir.exists():
             # Left by a save that was cut short, or by the run before a forced resume_step.
             log.warning("removing %s before saving step %d into it", step_dir, step)
             _remove(step_dir)
-        _barrier()
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={_CLIENT_KEY: client_state},
+        barrier()
+        global_state = {name: obj.state_dict() for name, obj in self.global_state.items()}
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={_CLIENT_KEY: global_state},
                                     save_latest=False)
-        _atomic_torch_save(extra_per_rank, step_dir / f"rank_{rank}.pt")
-        _barrier()  # from here on every rank's part is on disk
+        with atomic_path(step_dir / f"rank_{rank}.pt") as tmp:
+            torch.save({name: obj.state_dict() for name, obj in self.rank_state.items()}, tmp)
+        barrier()  # from here on every rank's part is on disk
         if rank == 0:
             marker = {"step": step, "world_size": world, "tag": tag,
                       "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-            _atomic_write_text(step_dir / COMPLETE, json.dumps(marker) + "\n")
-            _atomic_write_text(self.ckpt_dir / LATEST, tag)
+            _write_text(step_dir / COMPLETE, json.dumps(marker) + "\n")
+            _write_text(self.ckpt_dir / LATEST, tag)
             self._apply_retention(step)
         self._last_saved = step
         log.info("saved checkpoint %s in %.1f s", step_dir, time.monotonic() - started)
         return step_dir
 
-    def load(self) -> LoadedCheckpoint | None:
-        """Restore the engine from the checkpoint to resume; None when the run starts fresh."""
+    def load(self) -> Restored | None:
+        """Restore the engine and every state object from the checkpoint to resume; None when the
+        run starts fresh."""
         step = self._step_to_resume()
         if step is None:
             return None
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         started = time.monotonic()
         step_dir = self.ckpt_dir / step_tag(step)
         saved_world = int(read_marker(step_dir)["world_size"])
@@ -206,10 +223,11 @@ class Checkpointer:
         load_path, client_states = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {self.ckpt_dir / tag} (see its log above)")
-        extra = None
+        _restore(self.global_state, (client_states or {}).get(_CLIENT_KEY, {}), load_path)
         if saved_world == world:
             # Our own file from this run's ranks; it holds NumPy's RNG state, which weights_only refuses.
-            extra = torch.load(step_dir / f"rank_{rank}.pt", map_location="cpu", weights_only=False)
+            path = step_dir / f"rank_{rank}.pt"
+            _restore(self.rank_state, torch.load(path, map_location="cpu", weights_only=False), path)
         else:
             log.warning("per-rank state of %s (data position, RNG) belongs to %d ranks and is not restored "
                         "on %d: the data order from here on differs from an uninterrupted run",
@@ -218,8 +236,7 @@ class Checkpointer:
             self._point_latest_at(step)
         self._last_saved = step
         log.info("resumed from %s in %.1f s", self.ckpt_dir / tag, time.monotonic() - started)
-        return LoadedCheckpoint(step=step, client_state=(client_states or {}).get(_CLIENT_KEY, {}),
-                                extra_per_rank=extra)
+        return Restored(step=step, rank_state=saved_world == world)
 
     def _step_to_resume(self) -> int | None:
         complete = saved_steps(self.ckpt_dir)
@@ -230,7 +247,7 @@ class Checkpointer:
                     f"run (steps {complete}); a fresh start would mix with them. Use a new run folder, "
                     "delete that folder, or set checkpoint.resume=auto")
             return None
-        if _rank_and_world()[0] == 0:
+        if rank_and_world()[0] == 0:
             for step in saved_steps(self.ckpt_dir, complete=False):
                 log.warning("skipping %s: no %s marker (its save did not finish on every rank)",
                             self.ckpt_dir / step_tag(step), COMPLETE)
@@ -266,7 +283,7 @@ class Checkpointer:
         if newer:
             log.warning("resuming from step %d of %s although newer checkpoints exist (steps %s); "
                         "they are overwritten as the run reaches their steps", step, self.ckpt_dir, newer)
-        _atomic_write_text(self.ckpt_dir / LATEST, step_tag(step))
+        _write_text(self.ckpt_dir / LATEST, step_tag(step))
 
     def _apply_retention(self, newest: int) -> None:
         keep = retained_steps(saved_steps(self.ckpt_dir), newest, self.cfg.keep_last, self.cfg.keep_every)
@@ -297,27 +314,18 @@ def _conversion_hint(ckpt_dir: Path, step: int) -> str:
             'then resume with "checkpoint": {"load_universal": true} in the DeepSpeed config.')
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def _restore(objects: dict[str, Stateful], saved: dict[str, Any], source) -> None:
+    missing = sorted(set(objects) - set(saved))
+    if missing:
+        raise CheckpointError(f"{source}: holds no state for {', '.join(missing)} (has: "
+                              f"{', '.join(sorted(saved)) or 'nothing'}); it was written by other code")
+    for name, obj in objects.items():
+        obj.load_state_dict(saved[name])
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def _remove(step_dir: Path) -> None:

@@ -2,16 +2,23 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
-from pipeline.train.preemption import PreemptionFlag  # stdlib only: imports in milliseconds
+# Both stdlib only: they import in milliseconds.
+from pipeline.train.launch_env import LaunchEnvError, apply_rank_environment
+from pipeline.train.preemption import PreemptionFlag
 
 
 def run_training_stage(stage: str, argv: list[str] | None = None) -> None:
     # Catch preemption signals before the heavy imports and the model load, which take long
     # enough under load for a Slurm warning to arrive (and kill us with the default action).
     preemption = PreemptionFlag()
+    # The one place a launcher's variables (srun's SLURM_*, Open MPI's, torchrun's or DeepSpeed's
+    # RANK) become RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, which init_distributed reads.
+    try:
+        apply_rank_environment()
+    except LaunchEnvError as error:
+        raise SystemExit(f"launch environment: {error}") from None
     from pipeline.config import parse_args
     from pipeline.train.config import TrainConfig
     from pipeline.train.loop import main
@@ -26,14 +33,8 @@ def run_training_stage(stage: str, argv: list[str] | None = None) -> None:
 
 def run_from_launch_script(stage: str, default_config: str) -> None:
     """The Python side of launch/stage*.sh, which the DeepSpeed launcher runs as
-    `python -u launch/stageN.sh [--local_rank=N] ...`; CONFIG selects the config as in bash."""
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # `deepspeed --launcher slurm`: srun tasks
-        os.environ.update(RANK=os.environ["SLURM_PROCID"], LOCAL_RANK=os.environ["SLURM_LOCALID"],
-                          WORLD_SIZE=os.environ["SLURM_NTASKS"])
-        nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_STEP_NODELIST"]],
-                               capture_output=True, text=True, check=True).stdout.split()
-        os.environ.setdefault("MASTER_ADDR", nodes[0])
-        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
+    `python -u launch/stageN.sh [--local_rank=N] ...` (`deepspeed --launcher slurm`: as srun tasks);
+    CONFIG selects the config as in bash."""
     argv = sys.argv[1:]
     if "--config" not in argv:
         argv = ["--config", os.environ.get("CONFIG", default_config), *argv]

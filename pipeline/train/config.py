@@ -49,8 +49,6 @@ class TrainConfig:
     max_steps: int | None = None          # optimizer steps; None = epochs × batches per epoch
     seed: int = 0
     log_every_steps: int = 1
-    # Stage 1 freezes the LLM, so caption targets never change: keep them per sample key.
-    caption_target_cache: int = 100_000   # entries per rank; 0 disables
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Signals that mean "checkpoint at the next step boundary and exit 0" (Slurm: --signal=B:USR1@…).
     preemption_signals: list[str] = dataclasses.field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
@@ -58,8 +56,11 @@ class TrainConfig:
     # H200, ...) by name, no MFU elsewhere. See pipeline/train/flops.py for what counts as model FLOPs.
     peak_tflops: float | None = None
 
+    @property
+    def caption_targets_frozen(self) -> bool:
+        """With the LLM frozen (stage 1) a sample's caption targets never change: they are cached."""
+        return "llm" not in self.trainable
+
     def __post_init__(self):
-        if "llm" in self.trainable and self.caption_target_cache:
-            raise ValueError("caption_target_cache needs a frozen LLM; set it to 0 when training 'llm'")
         if self.optim.grad_accum < 1 or self.loader.batch_size < 1:
             raise ValueError("optim.grad_accum and loader.batch_size must be >= 1")

@@ -9,6 +9,13 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(global rank, world size); (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def comm_device() -> torch.device:
     """NCCL reduces CUDA tensors only; gloo CPU ones."""
     if _active() and dist.get_backend() == "nccl":
@@ -25,21 +32,14 @@ def any_rank(*flags: bool) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
-def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Per key: the sum over ranks (every rank passes the same keys). One all-reduce."""
     if not _active() or not values:
         return dict(values)
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t)
-    return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
-
-
-def sum_over_ranks(value: float) -> float:
-    if not _active():
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=comm_device())
-    dist.all_reduce(t)
-    return t.item()
+    return dict(zip(keys, t.tolist()))
 
 
 def barrier() -> None:

@@ -24,13 +24,16 @@ def device_type(requested: str) -> str:
 
 
 def init_distributed(dev: str) -> tuple[int, int, int]:
-    """(rank, local_rank, world_size). A plain `python -m stages...` run is a world of one."""
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(dist_backend="nccl" if dev == "cuda" else "gloo")
+    """(rank, local_rank, world_size) from the environment that the stage entry prepared with
+    pipeline.train.launch_env (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+    from pipeline.train.launch_env import RANK_VARIABLES
+    missing = [name for name in RANK_VARIABLES if name not in os.environ]
+    if missing:
+        raise RuntimeError(f"{', '.join(missing)} not set: call pipeline.train.launch_env."
+                           "apply_rank_environment() first (the stage entry, pipeline.train.cli, does)")
+    deepspeed.init_distributed(dist_backend="nccl" if dev == "cuda" else "gloo", auto_mpi_discovery=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ["LOCAL_RANK"])
     if dev != "cuda":
         torch.distributed.barrier()  # every rank has mapped every peer's buffer by now
         unlink_shm_buffers(rank)
@@ -112,10 +115,3 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, ds: dict, total_steps: 
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     return engine, optimizer, scheduler
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

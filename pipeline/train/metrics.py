@@ -1,10 +1,15 @@
-"""Per-step measurements: throughput, data wait, memory. Pure bookkeeping, no tracker calls."""
+"""Per-step measurements: throughput, data wait, memory, the loss parts. No tracker calls."""
 from __future__ import annotations
 
 import resource
 import time
 
 import torch
+
+from pipeline.train.distributed import sum_over_ranks
+
+COSINE = "cos_layer/"  # per-layer cos(i, t) of the TGA loss, a mean over valid samples
+RATES = ("samples_per_second", "tokens_per_second")  # per-rank rates add up to the job's
 
 
 class StepMeter:
@@ -24,29 +29,38 @@ class StepMeter:
         self.samples = 0
         self.tokens = 0
         self.parts: dict[str, float] = {}
+        self.cosine_sums: dict[str, float] = {}  # cos_layer/<l> x n_valid, summed over micro-steps
+        self.valid_samples = 0.0
         self.micro_steps = 0
         self.model_flops = 0.0
 
     def data_wait(self, seconds: float) -> None:
         self.data_seconds += seconds
 
-    def micro(self, batch: dict, parts: dict, caption_forward: bool = False) -> None:
-        """`caption_forward`: the TGA text-side forward ran for this batch (not served from cache)."""
+    def micro(self, batch, parts: dict, caption_forward: bool = False) -> None:
+        """`batch`: a pipeline.data.batch.Batch; `caption_forward`: the TGA text-side forward ran
+        for it (not served from cache)."""
         self.micro_steps += 1
-        self.samples += len(batch["keys"])
-        mask = batch["attention_mask"]  # None for a packed (padding-free) batch
-        seq_lens = batch["seq_lens"].tolist() if mask is None else mask.sum(dim=1).tolist()
+        self.samples += len(batch)
+        seq_lens = batch.seq_lens.tolist()
         self.tokens += sum(seq_lens)
         if self.flops is not None:
-            images = 0 if batch.get("pixel_values") is None else batch["pixel_values"].shape[0]
-            captions = batch["caption_attention_mask"].sum(dim=1).tolist() if caption_forward else []
+            images = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
+            captions = batch.caption_attention_mask.sum(dim=1).tolist() if caption_forward else []
             self.model_flops += self.flops.step(seq_lens, images, captions)
+        valid = float(parts.get("n_valid", 0))
+        self.valid_samples += valid
         for name, value in parts.items():
-            self.parts[name] = self.parts.get(name, 0.0) + float(value)
+            if name.startswith(COSINE):
+                self.cosine_sums[name] = self.cosine_sums.get(name, 0.0) + float(value) * valid
+            else:
+                self.parts[name] = self.parts.get(name, 0.0) + float(value)
 
     def report(self) -> dict[str, float]:
         seconds = time.perf_counter() - self.start
         out = {name: value / max(self.micro_steps, 1) for name, value in self.parts.items()}
+        out.update({name: total / self.valid_samples if self.valid_samples else 0.0
+                    for name, total in self.cosine_sums.items()})
         out.update({
             "step_seconds": seconds,
             "data_wait_fraction": self.data_seconds / seconds if seconds > 0 else 0.0,
@@ -58,6 +72,20 @@ class StepMeter:
             out["model_tflops_per_second"] = self.model_flops / seconds / 1e12  # this rank
             if self.peak_flops:
                 out["mfu"] = self.model_flops / seconds / self.peak_flops
+        return out
+
+
+    def report_over_ranks(self, world: int) -> dict[str, float]:
+        """The step for the whole job (a collective): rates summed over ranks, cos_layer/<l> the
+        mean over every rank's valid samples (a rank with none must not pull it towards 0), every
+        other value the mean of the ranks' values."""
+        local = {name: value for name, value in self.report().items() if not name.startswith(COSINE)}
+        weighted = {f"{COSINE}sum/{name[len(COSINE):]}": total for name, total in self.cosine_sums.items()}
+        summed = sum_over_ranks({**local, **weighted, "valid_samples": self.valid_samples})
+        out = {name: summed[name] if name in RATES else summed[name] / world for name in local}
+        for name in self.cosine_sums:
+            total = summed[f"{COSINE}sum/{name[len(COSINE):]}"]
+            out[name] = total / summed["valid_samples"] if summed["valid_samples"] else 0.0
         return out
 
 

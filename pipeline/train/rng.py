@@ -53,3 +53,13 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     if saved_cuda is not None and visible:
         for device, device_state in enumerate(saved_cuda[:visible]):
             torch.cuda.set_rng_state(device_state, device)
+
+
+class RNGState:
+    """This process's generators as a checkpoint state object (pipeline.train.checkpoint.Stateful)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng_state(state)

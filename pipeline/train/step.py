@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.data.batch import Batch
 from pipeline.tga.loss import TGAConfig, pool_caption_targets, tga_loss
 from pipeline.train.distributed import any_rank
+
+# Per-rank bound of the stage-1 cache: 9 layers x 4096 fp32 of a 7B LLM are 147 KB per sample.
+CACHE_ENTRIES = 100_000
 
 
 class CaptionTargets:
     """Text-side targets t_b^l: pooled caption hidden states from a no-grad, eval-mode forward of
-    the current weights. With a frozen LLM (stage 1) they are cached per sample key."""
+    the current weights. With a frozen LLM (`cached`: stage 1) they never change and are kept per
+    sample key, up to `cache_size` entries."""
 
-    def __init__(self, layers: list[int], cache_size: int):
-        self.layers, self.cache_size = list(layers), cache_size
+    def __init__(self, layers: list[int], cached: bool, cache_size: int = CACHE_ENTRIES):
+        self.layers, self.cache_size = list(layers), cache_size if cached else 0
         self.cache: dict[str, tuple[torch.Tensor, bool]] = {}
         self.forwards = 0
 
-    def __call__(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = batch["keys"]
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = batch.keys
         missing = any(k not in self.cache for k in keys) or not self.cache_size
         if any_rank(missing)[0]:
             targets, valid = self._forward(model, batch)
@@ -33,31 +38,30 @@ class CaptionTargets:
                     if len(self.cache) < self.cache_size:
                         self.cache[key] = (targets[:, i].cpu(), bool(valid[i]))
             return targets, valid
-        device = batch["input_ids"].device
+        device = batch.input_ids.device
         targets = torch.stack([self.cache[k][0] for k in keys], dim=1).to(device)
         valid = torch.tensor([self.cache[k][1] for k in keys], device=device)
         return targets, valid
 
     @torch.no_grad()
-    def _forward(self, model: torch.nn.Module, batch: dict):
+    def _forward(self, model: torch.nn.Module, batch: Batch):
         self.forwards += 1
         was_training = model.training
         model.eval()
         try:
             # LlavaModel, not the LM head: only hidden states are needed (no logits, no attentions).
-            out = model.model(input_ids=batch["caption_input_ids"],
-                              attention_mask=batch["caption_attention_mask"],
+            out = model.model(input_ids=batch.caption_input_ids, attention_mask=batch.caption_attention_mask,
                               output_hidden_states=True)
         finally:
             model.train(was_training)
-        return pool_caption_targets(out.hidden_states, batch["caption_spans"], self.layers)
+        return pool_caption_targets(out.hidden_states, batch.caption_spans, self.layers)
 
 
-def tga_forward(engine, batch: dict, targets_fn: CaptionTargets, step_fraction: float,
-                cfg: TGAConfig, use_tga: bool = True) -> tuple[torch.Tensor, dict]:
+def tga_forward(engine, batch: Batch, targets_fn: CaptionTargets, step_fraction: float,
+                cfg: TGAConfig) -> tuple[torch.Tensor, dict]:
     """`engine`: a DeepSpeed engine or the bare Llava model (tests, analysis)."""
     model = getattr(engine, "module", engine)
-    pixel_values = batch.get("pixel_values")
+    pixel_values = batch.pixel_values
     dummy: list[torch.Tensor] = []
     hook = None
     if pixel_values is None:
@@ -70,19 +74,18 @@ def tga_forward(engine, batch: dict, targets_fn: CaptionTargets, step_fraction: 
     try:
         # Packed batches carry position_ids and no attention_mask: transformers derives per-sample
         # attention from them (flash varlen / block-diagonal mask), which needs use_cache=False.
-        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     position_ids=batch.get("position_ids"), pixel_values=pixel_values,
-                     labels=batch["labels"], output_hidden_states=True, use_cache=False)
+        out = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     position_ids=batch.position_ids, pixel_values=pixel_values,
+                     labels=batch.labels, output_hidden_states=True, use_cache=False)
     finally:
         if hook is not None:
             hook.remove()
     lm_loss = out.loss + 0.0 * dummy[0] if dummy else out.loss
-    if not use_tga:
+    if not cfg.enabled:
         return lm_loss, {"lm": lm_loss.detach()}
     targets, valid = targets_fn(model, batch)
-    image_hidden = torch.stack([out.hidden_states[layer] for layer in cfg.layers])  # [L,B,T,D]
-    return tga_loss(lm_loss, image_hidden, batch["image_spans"], batch["retrieved_spans"],
-                    targets, valid, step_fraction, cfg, span_rows=batch.get("span_rows"))
+    return tga_loss(lm_loss, out.hidden_states, batch.image_spans, batch.retrieved_spans,
+                    targets, valid, step_fraction, cfg, span_rows=batch.span_rows)
 
 
 def _dummy_vision(model, device) -> torch.Tensor:

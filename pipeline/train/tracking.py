@@ -6,38 +6,38 @@ explicit run id — no `mlflow.start_run` active-run global — so two trackers 
 write into each other's run.
 
 A tracking server that is down or slow must never stop or stall training. Every MLflow call is
-bounded (see `bounded_http`) and caught; the first failure of an outage is logged as a warning with
-the URI and the error; metrics are buffered and re-sent at most every `retry_interval_seconds`;
-artifacts logged while the server is down are dropped and counted (the files may be rewritten by
-then). Bad *arguments* (invalid metric name, non-numeric value) are our bugs and raise at once.
+bounded (see `pipeline.mlflow_client.bounded_http`) and caught; the first failure of an outage is
+logged as a warning with the URI and the error; metrics are buffered and re-sent at most every
+`retry_interval_seconds`; artifacts logged while the server is down are dropped and counted (the
+files may be rewritten by then). Bad *arguments* (invalid metric name, non-numeric value) are our
+bugs and raise at once.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import posixpath
-import re
 import shlex
-import shutil
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.mlflow_client import (
+    artifact_location,
+    bounded_http,
+    check_key,
+    embedded_tracking_uri,
+    ensure_experiment,
+    error_code,
+    git_commit,
+    param_strings,
+)
+
 log = logging.getLogger(__name__)
 
-# A config value longer than this is cut (the loop logs the full resolved config as an artifact).
-# Current MLflow accepts 6000 characters, older servers only 500: this works with both.
-PARAM_VALUE_MAX_CHARS = 500
 _PARAMS_PER_BATCH = 100  # MLflow's limit on params (and tags) per log_batch call
 _METRICS_PER_BATCH = 1000  # MLflow's limit on metrics per log_batch call
 _MAX_PENDING_METRICS = 100_000  # buffer bound while the server is down; oldest are dropped first
-_KEY_CHARS = re.compile(r"^[\w./\- ]+$")  # MLflow's allowed name characters (colon left out: Windows)
-_KEY_MAX_CHARS = 250
 _END_STATUSES = ("FINISHED", "KILLED", "FAILED")
 # Server answers that mean "this request is wrong", not "the server is away": retrying cannot help.
 _REJECTED = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"}
@@ -63,79 +63,6 @@ class TrackingConfig:
 
     def plot_due(self, step: int) -> bool:
         return self.plot_every_steps > 0 and step % self.plot_every_steps == 0
-
-
-# Written by rank 0 into the run folder: {"tracking_uri", "run_id"} of the job's MLflow run.
-TRACKING_FILE = "mlflow_run.json"
-
-
-def embedded_tracking_uri(run_dir: str | Path) -> str:
-    """The default store: `sqlite:///<abs run_dir>/mlflow.db` (absolute, so `mlflow ui` works anywhere)."""
-    return f"sqlite:///{(Path(run_dir).resolve() / 'mlflow.db').as_posix()}"
-
-
-def git_commit(path: str | Path | None = None) -> str:
-    """Short hash of the checkout holding `path` (default: this code), or "unknown" — never raises."""
-    where = Path(path) if path is not None else Path(__file__).resolve().parent
-    try:
-        done = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return done.stdout.strip() or "unknown"
-
-
-def check_key(kind: str, key: str) -> str:
-    """A name MLflow accepts on every platform and store, or ValueError naming it."""
-    if (not isinstance(key, str) or len(key) > _KEY_MAX_CHARS or not _KEY_CHARS.match(key)
-            or posixpath.normpath(key) != key or key.startswith(("/", ".."))):
-        raise ValueError(f"{kind} name {key!r} is not a valid MLflow key: use at most {_KEY_MAX_CHARS} "
-                         "letters, digits, '_', '-', '.', '/' or spaces, with no leading '/' or '..' and "
-                         "no '//' (e.g. 'cos_layer/10')")
-    return key
-
-
-def param_strings(params: Mapping[str, Any]) -> dict[str, str]:
-    """Nested or dotted config → `{"train.lr": "0.001"}`, values cut to PARAM_VALUE_MAX_CHARS."""
-    out: dict[str, str] = {}
-
-    def walk(node: Mapping[str, Any], prefix: str) -> None:
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, Mapping):
-                walk(value, name + ".")
-                continue
-            text = str(value)
-            if len(text) > PARAM_VALUE_MAX_CHARS:
-                log.info("param %s has %d characters: logged cut to %d",
-                         name, len(text), PARAM_VALUE_MAX_CHARS)
-                text = text[: PARAM_VALUE_MAX_CHARS - 3] + "..."
-            out[check_key("param", name)] = text
-
-    walk(params, "")
-    return out
-
-
-@contextlib.contextmanager
-def bounded_http(timeout_seconds: int) -> Iterator[None]:
-    """MLflow's HTTP defaults (7 retries with exponential backoff, 120 s timeout) make one call to a
-    dead server block for minutes: right for a notebook, wrong inside a training step that 64 GPUs
-    wait on. MLflow reads these knobs from the environment at every request, so they are set only
-    around our own calls and restored after: the rest of the process keeps MLflow's defaults. Our
-    retry is the metric buffer re-sent every `retry_interval_seconds`, not a blocking loop."""
-    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_seconds)}
-    saved = {name: os.environ.get(name) for name in wanted}
-    os.environ.update(wanted)
-    try:
-        yield
-    finally:
-        os.environ.update({k: v for k, v in saved.items() if v is not None})
-        for name in (k for k, v in saved.items() if v is None):
-            os.environ.pop(name, None)
-
-
-def _error_code(err: Exception) -> str | None:
-    return getattr(err, "error_code", None)
 
 
 class Tracker:
@@ -178,7 +105,7 @@ class Tracker:
                 client = MlflowClient(tracking_uri=uri)
                 run = _reopen(client, run_id, tag_values, uri) if run_id else None
                 if run is None:
-                    artifacts = (Path(run_dir).resolve() / "mlartifacts").as_uri() if embedded else None
+                    artifacts = artifact_location(uri) if embedded else None
                     experiment_id = ensure_experiment(client, cfg.experiment, artifacts, uri)
                     if run_id:
                         tag_values["resumed_from_run_id"] = run_id
@@ -263,29 +190,6 @@ class Tracker:
         send = self._client.log_artifacts if path.is_dir() else self._client.log_artifact
         self._artifact_call("log artifact", lambda: send(self._run_id, str(path), artifact_path))
 
-    def log_text(self, text: str, name: str) -> None:
-        """Store `text` as the artifact file `name` (e.g. "config/resolved.yaml")."""
-        self._check_open()
-        check_key("artifact", name)
-        self._artifact_call("log text", lambda: self._client.log_text(self._run_id, text, name))
-
-    def log_figure_png(self, fig_or_path, name: str) -> None:
-        """Store a matplotlib Figure or an existing PNG file as the artifact `name` ("plots/x.png").
-
-        Drawing costs time: build the figure only where `active` is true.
-        """
-        self._check_open()
-        check_key("artifact", name)
-        if not name.endswith(".png"):
-            raise ValueError(f"figure artifact {name!r} must end with .png")
-        if not self.active:
-            return
-        if isinstance(fig_or_path, (str, Path)):
-            fig_or_path = Path(fig_or_path)
-            if not fig_or_path.is_file():
-                raise FileNotFoundError(f"figure to log does not exist: {fig_or_path}")
-        self._artifact_call("log figure", lambda: self._send_figure(fig_or_path, name))
-
     def close(self, status: str = "FINISHED") -> None:
         """Send what is buffered (one last try) and mark the run ended; closing twice is harmless."""
         if status not in _END_STATUSES:
@@ -342,7 +246,7 @@ class Tracker:
                 call()
         except Exception as err:  # the store's problem, never the training's
             self.failed_calls += 1
-            if _error_code(err) in _REJECTED:  # warned once: a deleted run would reject every step
+            if error_code(err) in _REJECTED:  # warned once: a deleted run would reject every step
                 self.rejected_calls += 1
                 if self.rejected_calls == 1:
                     log.warning("MLflow at %s rejected %s for run %s (later rejections are only counted): %s",
@@ -361,16 +265,6 @@ class Tracker:
             self._down = False
         return "ok"
 
-    def _send_figure(self, figure, name: str) -> None:
-        if not isinstance(figure, Path):
-            self._client.log_figure(self._run_id, figure, name)
-            return
-        folder, filename = posixpath.split(name)  # a PNG file is stored under the artifact's name
-        with tempfile.TemporaryDirectory() as tmp:
-            staged = Path(tmp) / filename
-            shutil.copyfile(figure, staged)
-            self._client.log_artifact(self._run_id, str(staged), folder or None)
-
 
 def _reopen(client, run_id: str, tags: dict[str, str], uri: str):
     """The run to append to on resume, or None (with a warning) when the store no longer has it."""
@@ -380,7 +274,7 @@ def _reopen(client, run_id: str, tags: dict[str, str], uri: str):
     try:
         run = client.get_run(run_id)
     except MlflowException as err:
-        if _error_code(err) not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+        if error_code(err) not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
         run = None
     if run is None or run.info.lifecycle_stage == "deleted":
@@ -390,21 +284,3 @@ def _reopen(client, run_id: str, tags: dict[str, str], uri: str):
     client.update_run(run_id, status="RUNNING")
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
     return run
-
-
-def ensure_experiment(client, name: str, artifact_location: str | None, uri: str) -> str:
-    """The id of experiment `name`, created (with `artifact_location`) if missing."""
-    from mlflow.exceptions import MlflowException
-
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        try:
-            return client.create_experiment(name, artifact_location=artifact_location)
-        except MlflowException as err:  # another job created it between our two calls
-            if _error_code(err) != "RESOURCE_ALREADY_EXISTS":
-                raise
-            experiment = client.get_experiment_by_name(name)
-    if experiment.lifecycle_stage == "deleted":
-        raise RuntimeError(f"experiment {name!r} is deleted in {uri}: restore it "
-                           f"(`mlflow experiments restore`) or set tracking.experiment to another name")
-    return experiment.experiment_id

@@ -1,0 +1,129 @@
+"""A training job from components, in torchtitan's order: distributed → run folder → model → data →
+engine → checkpointer (and the resume) → tracker. Each part is built by its own module; this file
+only wires them. pipeline/train/loop.py drives the result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from pipeline.config import dump_yaml, flatten
+from pipeline.data.batch import SampleEncoder, collate
+from pipeline.data.loader import batches_per_epoch, build_loader
+from pipeline.model.assemble import AssembledModel, apply_freeze, build_llava
+from pipeline.train import engine as ds_engine
+from pipeline.train.checkpoint import Checkpointer
+from pipeline.train.config import TrainConfig
+from pipeline.train.rng import RNGState
+from pipeline.train.run_folder import RunFolder
+from pipeline.train.state import TrainState
+from pipeline.train.step import CaptionTargets
+from pipeline.train.tracking import Tracker
+
+log = logging.getLogger("pipeline.train")
+
+
+@dataclasses.dataclass
+class Job:
+    cfg: TrainConfig
+    rank: int
+    world: int
+    run: RunFolder
+    engine: Any                     # deepspeed.DeepSpeedEngine around the Llava model
+    loader: StatefulDataLoader      # yields pipeline.data.batch.Batch
+    checkpointer: Checkpointer
+    tracker: Tracker
+    state: TrainState
+    caption_targets: CaptionTargets
+    total_steps: int
+    resumed: bool
+
+
+def build_job(cfg: TrainConfig) -> Job:
+    dev = ds_engine.device_type(cfg.device)
+    rank, _, world = ds_engine.init_distributed(dev)
+    _seed_everything(cfg.seed + rank)
+    run = RunFolder(cfg.run_dir).create()
+    ds_config = ds_engine.deepspeed_config(cfg, dev)
+    zero3 = ds_engine.zero3_context(ds_config)  # noqa: F841 — must stay alive while loading
+    assembled = build_llava(cfg.model, dev)
+    _freeze(assembled, cfg, rank)
+    loader = train_loader(cfg, assembled, rank, world)
+    total_steps = cfg.max_steps or cfg.epochs * (batches_per_epoch(cfg.shards, world, cfg.loader)
+                                                 // cfg.optim.grad_accum)
+    if total_steps < 1:
+        raise SystemExit(f"{cfg.shards}: not enough samples for one optimizer step "
+                         f"({world} ranks × batch {cfg.loader.batch_size} × accum {cfg.optim.grad_accum})")
+    engine, _, _ = ds_engine.initialize(assembled.model, cfg, ds_config, total_steps, dev)
+    state = TrainState()
+    checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint, engine, global_state={"train_state": state},
+                                rank_state={"loader": loader, "rng": RNGState()})
+    resumed = checkpointer.load() is not None
+    if resumed:
+        log.info("rank %d resumed at step %d (epoch %d)", rank, state.step, state.epoch)
+    loader.dataset.set_epoch(state.epoch)
+    tracker = _open_tracker(cfg, run, rank, world, state)
+    if rank == 0:
+        _write_run_files(cfg, run, tracker, ds_config, fresh=not resumed)
+    run.rewind(state.step, rank)
+    targets = CaptionTargets(cfg.tga.layers, cached=cfg.caption_targets_frozen)
+    return Job(cfg, rank, world, run, engine, loader, checkpointer, tracker, state, targets, total_steps, resumed)
+
+
+def train_loader(cfg: TrainConfig, assembled: AssembledModel, rank: int, world: int) -> StatefulDataLoader:
+    encoder = SampleEncoder(assembled.tokenizer, assembled.image_processor,
+                            num_image_tokens=assembled.num_image_tokens, template=cfg.prompt.template,
+                            insert_retrieved=cfg.prompt.insert_retrieved, max_tokens=cfg.prompt.max_tokens,
+                            pad_to_square=cfg.model.pad_to_square)
+    # flash-attention's varlen path takes one packed row; dense attention prefers several short ones
+    attention = assembled.model.config.text_config._attn_implementation
+    batch = functools.partial(collate, pad_id=assembled.tokenizer.pad_token_id, packed=cfg.loader.packing,
+                              single_row=attention == "flash_attention_2")
+    return build_loader(cfg.shards, rank=rank, world_size=world, cfg=cfg.loader, encode=encoder,
+                        collate=batch, seed=cfg.seed)
+
+
+def _freeze(assembled: AssembledModel, cfg: TrainConfig, rank: int) -> None:
+    trainable = apply_freeze(assembled.model, cfg.trainable)
+    params = list(assembled.model.parameters())
+
+    def millions(ps) -> float:  # under ZeRO-3 a rank holds ~1/world of each tensor: ds_numel is the whole
+        return sum(getattr(p, "ds_numel", p.numel()) for p in ps) / 1e6
+    log.info("rank %d: model %.2fM parameters (%.2fM trainable tensors: %d), %.2fM materialised on this rank",
+             rank, millions(params), millions(p for p in params if p.requires_grad), len(trainable),
+             sum(p.numel() for p in params) / 1e6)
+
+
+def _open_tracker(cfg: TrainConfig, run: RunFolder, rank: int, world: int, state: TrainState) -> Tracker:
+    tracking = cfg.tracking if cfg.tracking.run_name else dataclasses.replace(
+        cfg.tracking, run_name=f"{cfg.stage}-{run.path.resolve().name}")  # not MLflow's random name
+    tracker = Tracker.open(tracking, run.path, is_main=rank == 0, run_id=state.run_id, params=flatten(cfg),
+                           tags={"stage": cfg.stage, "world_size": str(world)})
+    if rank == 0:
+        state.run_id = tracker.run_id  # rank 0's is the one its checkpoint files carry
+    return tracker
+
+
+def _write_run_files(cfg: TrainConfig, run: RunFolder, tracker: Tracker, ds_config: dict, fresh: bool) -> None:
+    dump_yaml(cfg, run.config)
+    run.deepspeed_config.write_text(json.dumps(ds_config, indent=2))
+    if tracker.run_id:
+        run.write_tracking(tracker.uri, tracker.run_id)
+    if fresh:
+        tracker.log_artifact(run.config)
+        tracker.log_artifact(run.deepspeed_config)
+        print(f"[{cfg.stage}] MLflow: {tracker.ui_command or tracker.run_url}", flush=True)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
