@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.atomic import atomic_path
 from pipeline.train.launch_env import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,7 +218,8 @@ def _inject_save_faults(engine, args, rank: int) -> None:
         if signal_now and rank == 0:
             # rank 1 signals us once we are inside the save, where DeepSpeed's first collective
             # holds us until rank 1 joins it, which it does only after signalling
-            (faults / f"{tag}.rank0.pid").write_text(str(os.getpid()))
+            with atomic_path(faults / f"{tag}.rank0.pid") as tmp:  # rank 1 never reads half a file
+                tmp.write_text(str(os.getpid()))
         elif signal_now:
             rank0_pid = int(_wait_for(faults / f"{tag}.rank0.pid").read_text())
             os.kill(rank0_pid, signal.SIGTERM)

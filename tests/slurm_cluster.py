@@ -330,7 +330,7 @@ def slurm_cluster(tmp_dir: Path | str, cpus: int = 2, memory_mb: int = 4096, gpu
         start(_which("munged"), "--foreground", "--force", f"--socket={sockets / 'munge.socket'}",
               f"--key-file={key}", f"--pid-file={root / 'munge' / 'munged.pid'}",
               f"--seed-file={root / 'munge' / 'munged.seed'}")
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + start_timeout_s  # a hang guard: the wait is on the socket file
         while not (sockets / "munge.socket").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         start(_which("slurmctld"), "-D", "-c", "-f", str(conf_path))
@@ -347,7 +347,7 @@ def _shutdown(cluster: SlurmCluster, daemons: list[subprocess.Popen]) -> None:
     """Cancel jobs while the daemons run, stop the daemons, then kill leftover job processes."""
     if len(daemons) == len(DAEMONS) and all(d.poll() is None for d in daemons):
         cluster.run("scancel", "--user=root", check=False, timeout_s=20)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 120  # a hang guard: the wait is on an empty queue
         while time.monotonic() < deadline:
             queue = cluster.run("squeue", "-h", "-o", "%i", check=False, timeout_s=20)
             if queue.returncode != 0 or not queue.stdout.strip():

@@ -66,6 +66,40 @@ def check_inputs(cfg: RetrievalJoinConfig) -> _Inputs:
     return _Inputs(python, info, caption_map, records)
 
 
+def _embed(cfg: RetrievalJoinConfig, inputs: _Inputs, staging: list[Path], work: Path, log_path: Path,
+           durations: dict[str, float]) -> tuple[dict[str, int], np.ndarray]:
+    """Image embeddings of the staged tars through clip-retrieval: (key → row, [N, D] vectors).
+    A slice of text-only chats has nothing to embed."""
+    if not staging:
+        return {}, np.zeros((0, inputs.info.embedding_dim), np.float32)
+    durations["embed"] = clip_env.run_inference(
+        inputs.python, tars=staging, output_dir=work / "embeddings", modality="image",
+        clip_model=cfg.clip_model, samples_per_tar=cfg.samples_per_shard, cfg=cfg.inference, log_path=log_path)
+    vectors, table = embeddings.read_embeddings(work / "embeddings", "img")
+    check_dim(inputs.info, int(vectors.shape[1]), f"image embeddings of {cfg.clip_model!r}")
+    return {key: row for row, key in enumerate(table.column("key").to_pylist())}, vectors
+
+
+def _write_shards(writer: _SampleWriter, plans: list, output_dir: Path, rejects: list) -> tuple[list, list[str]]:
+    """Every planned shard through the writer: (manifest rows, names of the shards written);
+    the writer's rejects are appended to `rejects`."""
+    manifest, shard_names = [], []
+    with tqdm(total=sum(len(p.samples) for p in plans), desc="write", unit="sample") as progress:
+        for plan in plans:
+            rows, shard_rejects = writer.write_shard(plan, output_dir, progress)
+            manifest += rows
+            rejects += shard_rejects
+            if rows:
+                shard_names.append(shard_name(plan.index))
+    return manifest, shard_names
+
+
+def _write_part(part: Path, manifest: list, rejects: list, stats: dict[str, Any]) -> None:
+    write_manifest(part / "manifest.parquet", manifest)
+    write_rejects(part / "rejects.parquet", [{"key": r.key, "reason": r.reason, "detail": r.detail} for r in rejects])
+    write_stats(part / "stats.json", stats)  # last: marks the slice complete
+
+
 def run_retrieval_join(cfg: RetrievalJoinConfig) -> dict[str, Any]:
     """Run this config's slice (skipped when already done); returns its stats, plus "merged" (the
     dataset's stats) when this call completed the dataset."""
@@ -94,15 +128,8 @@ def run_retrieval_join(cfg: RetrievalJoinConfig) -> dict[str, Any]:
                                       cfg.pack_workers)
     durations["pack"] = time.perf_counter() - mark
     staging = [plan.staging for plan in plans if plan.staging is not None]
-    key_rows, vectors = {}, np.zeros((0, inputs.info.embedding_dim), np.float32)
-    if staging:  # b. embed (a slice of text-only chats has nothing to embed)
-        durations["embed"] = clip_env.run_inference(
-            inputs.python, tars=staging, output_dir=work / "embeddings", modality="image",
-            clip_model=cfg.clip_model, samples_per_tar=per_shard, cfg=cfg.inference,
-            log_path=output_dir / "logs" / f"{slice_name}-inference.log")
-        vectors, table = embeddings.read_embeddings(work / "embeddings", "img")
-        check_dim(inputs.info, int(vectors.shape[1]), f"image embeddings of {cfg.clip_model!r}")
-        key_rows = {key: row for row, key in enumerate(table.column("key").to_pylist())}
+    key_rows, vectors = _embed(cfg, inputs, staging, work, output_dir / "logs" / f"{slice_name}-inference.log",
+                               durations)  # b. embed
 
     mark = time.perf_counter()  # c. search, then write
     captions = load_caption_table(inputs.info)
@@ -114,14 +141,7 @@ def run_retrieval_join(cfg: RetrievalJoinConfig) -> dict[str, Any]:
     mark = time.perf_counter()
     source = cfg.source or Path(cfg.input).stem
     writer = _SampleWriter(cfg, captions, inputs.caption_map, source, key_rows, scores, ids)
-    manifest, shard_names = [], []
-    with tqdm(total=sum(len(p.samples) for p in plans), desc="write", unit="sample") as progress:
-        for plan in plans:
-            rows, shard_rejects = writer.write_shard(plan, output_dir, progress)
-            manifest += rows
-            rejects += shard_rejects
-            if rows:
-                shard_names.append(shard_name(plan.index))
+    manifest, shard_names = _write_shards(writer, plans, output_dir, rejects)
     durations["write"] = time.perf_counter() - mark
 
     rejects.sort(key=lambda r: r.position)
@@ -136,10 +156,7 @@ def run_retrieval_join(cfg: RetrievalJoinConfig) -> dict[str, Any]:
         "source": source, "input": str(cfg.input), "index": str(cfg.index_dir), "model": cfg.clip_model,
         "k": cfg.search.k, "image_caption": cfg.image_caption,
     }
-    part = parts.part_dir(output_dir, slice_name)
-    write_manifest(part / "manifest.parquet", manifest)
-    write_rejects(part / "rejects.parquet", [{"key": r.key, "reason": r.reason, "detail": r.detail} for r in rejects])
-    write_stats(part / "stats.json", stats)  # last: marks the slice complete
+    _write_part(parts.part_dir(output_dir, slice_name), manifest, rejects, stats)
     if not cfg.keep_intermediate:
         shutil.rmtree(work, ignore_errors=True)
     return {**stats, "skipped": False, "merged": _merge(cfg, fingerprint)}

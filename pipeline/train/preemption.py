@@ -102,12 +102,10 @@ def requeue_if_slurm(environ: Mapping[str, str] = os.environ, scontrol: str = "s
     resumes from `latest`. `environ` is where the job id is read (launch scripts export Slurm's
     variables); `scontrol` is the command to run.
     """
-    import torch.distributed as dist
+    from pipeline.train.distributed import rank_and_world  # torch: not at module import (see should_stop)
 
     job_id = environ.get("SLURM_JOB_ID")
-    if not job_id:
-        return False
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    if not job_id or rank_and_world()[0] != 0:
         return False
     command = [scontrol, "requeue", job_id]
     try:
