@@ -13,6 +13,9 @@ the one `latest` names), so an export never needs the ranks, GPUs or DeepSpeed e
   safetensors + config, the tokenizer with the training chat template, and a `LlavaProcessor`
   whose image preprocessing and `<image>` expansion are the ones training used. The model paths
   and the template come from the run's resolved config (`RUN_DIR/config.yaml`, written by the loop).
+  A LoRA run's adapters are merged in (no peft needed to load it).
+- `lora` (LoRA runs): OUT is the adapter in peft's format (adapter_config.json,
+  adapter_model.safetensors) and OUT/base the `hf` folder of the un-adapted model it applies to.
 
 OUT is written under a temporary sibling name and renamed when complete: a crashed export leaves no
 folder that looks finished.
@@ -37,7 +40,8 @@ from transformers.models.llava import LlavaImageProcessor
 
 from pipeline.config import ConfigError, load_config
 from pipeline.data.llava import IMAGE_TOKEN
-from pipeline.model.assemble import AssembledModel, build_llava, projector_state_dict, save_projector
+from pipeline.model.assemble import AssembledModel, apply_freeze, build_llava, projector_state_dict, save_projector
+from pipeline.model.lora import add_lora
 from pipeline.tga.templates import get_template, template_source
 from pipeline.train.checkpoint import (CheckpointError, export_full_state_dict, latest_complete_step,
                                        saved_steps, step_tag)
@@ -111,22 +115,46 @@ def run_config(ckpt_dir: str | Path, config: str | Path | None = None,
 
 
 def export_hf(ckpt_dir: str | Path, out: str | Path, step: int | None = None,
-              config: str | Path | None = None, overrides: list[str] = ()) -> Path:
-    """A transformers Llava folder (model, tokenizer, chat template, processor) from checkpoint `step`."""
+              config: str | Path | None = None, overrides: list[str] = (), adapter: bool = False) -> Path:
+    """A transformers Llava folder (model, tokenizer, chat template, processor) from checkpoint `step`.
+
+    A LoRA run's adapters are merged into the LLM's linears: the folder needs no peft. With
+    `adapter` (a LoRA run only) OUT instead holds the adapter in peft's format and OUT/base the
+    Llava it applies to: `PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(
+    OUT/base), OUT)`.
+    """
     _refuse_existing(Path(out))
     step = resolve_step(ckpt_dir, step)
     cfg = run_config(ckpt_dir, config, overrides)
+    if adapter and cfg.lora is None:
+        raise ExportError(f"{ckpt_dir}: --format lora needs a run with a lora section; this one trained "
+                          f"{cfg.trainable} fully (use --format hf)")
     # Model folders and processor first: their errors come in seconds, the consolidation takes minutes.
     assembled = build_llava(cfg.model, "cpu")
+    peft_model = add_lora(assembled.model, cfg.lora) if cfg.lora is not None else None
+    trained = apply_freeze(assembled.model, cfg.trainable, lora=peft_model is not None)
     processor = build_processor(assembled, cfg)
     step, state = consolidate(ckpt_dir, step)
-    load_full_state(assembled.model, state, Path(ckpt_dir) / step_tag(step))
+    # a LoRA checkpoint holds what trained; the frozen rest is the model folders' own weights
+    load_full_state(assembled.model, state, Path(ckpt_dir) / step_tag(step),
+                    required=set(trained) if peft_model is not None else None)
     del state  # a second full copy of the weights (28 GB in fp32 for a 7B LLM)
+    info = training_info(cfg, Path(ckpt_dir), step)
     with _staged(Path(out)) as staging:
-        assembled.model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        (staging / TRAINING_INFO).write_text(json.dumps(training_info(cfg, Path(ckpt_dir), step), indent=2) + "\n")
+        if adapter:
+            peft_model.peft_config["default"].base_model_name_or_path = str(Path(out).resolve() / "base")
+            peft_model.save_pretrained(staging)
+            _save_model_folder(peft_model.unload(), processor, info, staging / "base")
+        else:
+            model = peft_model.merge_and_unload() if peft_model is not None else assembled.model
+            _save_model_folder(model, processor, info, staging)
     return Path(out)
+
+
+def _save_model_folder(model: torch.nn.Module, processor, info: dict, folder: Path) -> None:
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    (folder / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def training_info(cfg: TrainConfig, ckpt_dir: Path, step: int) -> dict:
@@ -146,10 +174,12 @@ def training_info(cfg: TrainConfig, ckpt_dir: Path, step: int) -> dict:
     }
 
 
-def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy a consolidated state dict into `model`; every name and shape must match."""
+def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path,
+                    required: set[str] | None = None) -> None:
+    """Copy a consolidated state dict into `model`; every name and shape must match. `required`:
+    the names the state must hold when it holds only part of the model (the trained weights)."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
+    missing = sorted((set(expected) if required is None else required) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ExportError(
@@ -158,12 +188,12 @@ def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
             f"  missing from the checkpoint ({len(missing)}): {_listed(missing)}\n"
             f"  not in the model ({len(unexpected)}): {_listed(unexpected)}")
     wrong = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)}"
-             for k, v in expected.items() if state[k].shape != v.shape]
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if wrong:
         raise ExportError(f"{source}: {len(wrong)} weight(s) differ in shape from the model built from "
                           f"the run config: {_listed(wrong)}")
     with torch.no_grad():
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=required is None)
 
 
 def export_chat_template(cfg: TrainConfig, tokenizer) -> str:
@@ -265,7 +295,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="RUN_DIR/checkpoints")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (new or empty)")
-    parser.add_argument("--format", choices=["projector", "hf"], default="hf")
+    parser.add_argument("--format", choices=["projector", "hf", "lora"], default="hf",
+                        help="hf: a transformers Llava folder (LoRA merged in); lora: a LoRA run's adapter "
+                        "in peft's format, with the base Llava in OUT/base")
     parser.add_argument("--config", type=Path, default=None,
                         help="the run's resolved config (default: config.yaml next to --checkpoint)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
@@ -278,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
                 parser.error("--config and overrides apply to --format hf only")
             written = export_projector(args.checkpoint, args.out, args.step)
         else:
-            written = export_hf(args.checkpoint, args.out, args.step, args.config, args.overrides)
+            written = export_hf(args.checkpoint, args.out, args.step, args.config, args.overrides,
+                                adapter=args.format == "lora")
     except (ExportError, CheckpointError) as err:
         raise SystemExit(f"export error: {err}") from None
     print(f"exported {written}", flush=True)

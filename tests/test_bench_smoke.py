@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-BENCHES = ("bench_tga_overhead", "bench_checkpoint", "bench_stage2_throughput")
+BENCHES = ("bench_tga_overhead", "bench_checkpoint", "bench_stage2_throughput", "bench_lora")
 TIMEOUT_SECONDS = 240  # the file stays well under a minute on an idle 2-core machine; this is for a loaded one
 NUMBER = r"(\d+(?:\.\d+)?)"
 
@@ -111,3 +111,17 @@ def test_stage2_throughput_quick_prints_tokens_per_second_of_padded_and_packed_a
     assert share > 0
     padded, packed = figure(text, rf"padded \(16, \d+\) = {NUMBER} positions .* packed \(\d+, \d+\) = {NUMBER} positions")
     assert packed < padded, "packing removes padding"
+
+
+def test_lora_quick_prints_step_time_optimizer_state_and_checkpoint_size_of_lora_and_full(quick_runs):
+    text = output_of(quick_runs, "bench_lora")
+    rows = {}
+    for name in ("full", "lora"):
+        seconds, optimizer_mb, checkpoint_mb = figure(  # the trainable count (with commas) is skipped
+            text, rf"^{name}\s+{NUMBER}\s+[\d,]+\s+{NUMBER}\s+{NUMBER}$")
+        rows[name] = (seconds, optimizer_mb, checkpoint_mb)
+        assert seconds > 0
+    # what LoRA is for: far less optimizer state and a smaller checkpoint than full training
+    assert rows["lora"][1] < rows["full"][1] and rows["lora"][2] < rows["full"][2]
+    (ratio,) = figure(text, rf"^ratio optimizer state lora/full = {NUMBER}$")
+    assert ratio == pytest.approx(rows["lora"][1] / rows["full"][1], rel=0.05)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pyarrow.parquet as pq
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -194,4 +195,7 @@ def build_loader(shards_dir: Path, *, rank: int, world_size: int, cfg: LoaderCon
                            shuffle_shards=cfg.shuffle_shards, length_group_batches=cfg.length_group_batches,
                            length=length)
     extra = {"prefetch_factor": cfg.prefetch_factor} if cfg.num_workers else {}
-    return StatefulDataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, **extra)
+    # Its own generator: every iter() draws a worker base seed, which from torch's global generator
+    # would shift the dropout masks of a resumed run (it re-creates the iterator after the restore).
+    generator = torch.Generator().manual_seed(seed * 1000 + rank)
+    return StatefulDataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, generator=generator, **extra)

@@ -32,6 +32,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from pipeline.config import InputPath
 from pipeline.data.llava import IMAGE_TOKEN
+from pipeline.model.lora import is_lora_parameter
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,9 @@ def build_llava(cfg: ModelConfig, device_type: str = "cpu") -> AssembledModel:
     return AssembledModel(model, tokenizer, processor, config.image_seq_length)
 
 
-def apply_freeze(model: LlavaForConditionalGeneration, trainable: list[str]) -> list[str]:
-    """Train only the named parts ("projector", "llm"); the vision tower is always frozen."""
+def apply_freeze(model: LlavaForConditionalGeneration, trainable: list[str], lora: bool = False) -> list[str]:
+    """Train only the named parts ("projector", "llm"), and with `lora` the LoRA adapters
+    (pipeline.model.lora); the vision tower is always frozen. Returns the trainable names."""
     parts = {"projector": [model.model.multi_modal_projector],
              "llm": [model.model.language_model, model.lm_head]}
     unknown = set(trainable) - set(parts)
@@ -146,6 +148,10 @@ def apply_freeze(model: LlavaForConditionalGeneration, trainable: list[str]) -> 
     for name in trainable:
         for module in parts[name]:
             module.requires_grad_(True)
+    if lora:
+        for name, param in model.named_parameters():
+            if is_lora_parameter(name):
+                param.requires_grad_(True)
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 

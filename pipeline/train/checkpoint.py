@@ -168,11 +168,14 @@ class Checkpointer:
     """
 
     def __init__(self, ckpt_dir: str | Path, cfg: CheckpointConfig, engine, *,
-                 global_state: dict[str, Stateful] | None = None, rank_state: dict[str, Stateful] | None = None):
+                 global_state: dict[str, Stateful] | None = None, rank_state: dict[str, Stateful] | None = None,
+                 trainable_only: bool = False):
         self.ckpt_dir = Path(ckpt_dir)
         self.cfg = cfg
         self.engine = engine
         self.global_state, self.rank_state = dict(global_state or {}), dict(rank_state or {})
+        # frozen weights left out of the files (they are rebuilt from their folders on resume)
+        self.trainable_only = trainable_only
         self._last_saved: int | None = None  # kept in memory: every rank must decide alike
 
     def is_due(self, step: int) -> bool:
@@ -195,7 +198,7 @@ class Checkpointer:
         barrier()
         global_state = {name: obj.state_dict() for name, obj in self.global_state.items()}
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={_CLIENT_KEY: global_state},
-                                    save_latest=False)
+                                    save_latest=False, exclude_frozen_parameters=self.trainable_only)
         with atomic_path(step_dir / f"rank_{rank}.pt") as tmp:
             torch.save({name: obj.state_dict() for name, obj in self.rank_state.items()}, tmp)
         barrier()  # from here on every rank's part is on disk
@@ -220,7 +223,8 @@ class Checkpointer:
         step_dir = self.ckpt_dir / step_tag(step)
         saved_world = int(read_marker(step_dir)["world_size"])
         tag = self._engine_tag(step, saved_world, world)
-        load_path, client_states = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        load_path, client_states = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag,
+                                                               load_module_strict=not self.trainable_only)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {self.ckpt_dir / tag} (see its log above)")
         _restore(self.global_state, (client_states or {}).get(_CLIENT_KEY, {}), load_path)

@@ -8,6 +8,7 @@ from typing import Literal
 from pipeline.config import InputPath
 from pipeline.data.loader import LoaderConfig
 from pipeline.model.assemble import ModelConfig
+from pipeline.model.lora import LoraConfig
 from pipeline.tga.loss import TGAConfig
 from pipeline.train.checkpoint import CheckpointConfig
 from pipeline.train.tracking import TrackingConfig
@@ -45,6 +46,8 @@ class TrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    # LoRA adapters on the LLM (stage 2 on smaller nodes); None: the parts in `trainable` train fully
+    lora: LoraConfig | None = None
     epochs: int = 1
     max_steps: int | None = None          # optimizer steps; None = epochs × batches per epoch
     seed: int = 0
@@ -58,9 +61,13 @@ class TrainConfig:
 
     @property
     def caption_targets_frozen(self) -> bool:
-        """With the LLM frozen (stage 1) a sample's caption targets never change: they are cached."""
-        return "llm" not in self.trainable
+        """With the LLM frozen and no adapters (stage 1) a sample's caption targets never change:
+        they are cached."""
+        return "llm" not in self.trainable and self.lora is None
 
     def __post_init__(self):
+        if self.lora is not None and "llm" in self.trainable:
+            raise ValueError("lora trains adapters on a frozen LLM: remove 'llm' from trainable "
+                             "(e.g. trainable=[projector]) or drop the lora section for full training")
         if self.optim.grad_accum < 1 or self.loader.batch_size < 1:
             raise ValueError("optim.grad_accum and loader.batch_size must be >= 1")

@@ -19,6 +19,7 @@ from pipeline.config import dump_yaml, flatten
 from pipeline.data.batch import SampleEncoder, collate
 from pipeline.data.loader import batches_per_epoch, build_loader
 from pipeline.model.assemble import AssembledModel, apply_freeze, build_llava
+from pipeline.model.lora import add_lora, trainable_parameters
 from pipeline.train import engine as ds_engine
 from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.config import TrainConfig
@@ -55,7 +56,9 @@ def build_job(cfg: TrainConfig) -> Job:
     ds_config = ds_engine.deepspeed_config(cfg, dev)
     zero3 = ds_engine.zero3_context(ds_config)  # noqa: F841 — must stay alive while loading
     assembled = build_llava(cfg.model, dev)
-    _freeze(assembled, cfg, rank)
+    if cfg.lora is not None:
+        add_lora(assembled.model, cfg.lora)
+    trainable = _freeze(assembled, cfg, rank)
     loader = train_loader(cfg, assembled, rank, world)
     total_steps = cfg.max_steps or cfg.epochs * (batches_per_epoch(cfg.shards, world, cfg.loader)
                                                  // cfg.optim.grad_accum)
@@ -64,13 +67,15 @@ def build_job(cfg: TrainConfig) -> Job:
                          f"({world} ranks × batch {cfg.loader.batch_size} × accum {cfg.optim.grad_accum})")
     engine, _, _ = ds_engine.initialize(assembled.model, cfg, ds_config, total_steps, dev)
     state = TrainState()
+    # LoRA: the frozen LLM is rebuilt from its folder on resume; the checkpoint holds what trains
     checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint, engine, global_state={"train_state": state},
-                                rank_state={"loader": loader, "rng": RNGState()})
+                                rank_state={"loader": loader, "rng": RNGState()},
+                                trainable_only=cfg.lora is not None)
     resumed = checkpointer.load() is not None
     if resumed:
         log.info("rank %d resumed at step %d (epoch %d)", rank, state.step, state.epoch)
     loader.dataset.set_epoch(state.epoch)
-    tracker = _open_tracker(cfg, run, rank, world, state)
+    tracker = _open_tracker(cfg, run, rank, world, state, trainable)
     if rank == 0:
         _write_run_files(cfg, run, tracker, ds_config, fresh=not resumed)
     run.rewind(state.step, rank)
@@ -91,21 +96,24 @@ def train_loader(cfg: TrainConfig, assembled: AssembledModel, rank: int, world: 
                         collate=batch, seed=cfg.seed)
 
 
-def _freeze(assembled: AssembledModel, cfg: TrainConfig, rank: int) -> None:
-    trainable = apply_freeze(assembled.model, cfg.trainable)
+def _freeze(assembled: AssembledModel, cfg: TrainConfig, rank: int) -> int:
+    """Freeze what does not train; returns the trainable parameter count."""
+    names = apply_freeze(assembled.model, cfg.trainable, lora=cfg.lora is not None)
     params = list(assembled.model.parameters())
-
-    def millions(ps) -> float:  # under ZeRO-3 a rank holds ~1/world of each tensor: ds_numel is the whole
-        return sum(getattr(p, "ds_numel", p.numel()) for p in ps) / 1e6
-    log.info("rank %d: model %.2fM parameters (%.2fM trainable tensors: %d), %.2fM materialised on this rank",
-             rank, millions(params), millions(p for p in params if p.requires_grad), len(trainable),
+    trainable = trainable_parameters(assembled.model)
+    # under ZeRO-3 a rank holds ~1/world of each tensor: ds_numel is the whole tensor
+    log.info("rank %d: model %.2fM parameters (%.2fM trainable, %d tensors), %.2fM materialised on this rank",
+             rank, sum(getattr(p, "ds_numel", p.numel()) for p in params) / 1e6, trainable / 1e6, len(names),
              sum(p.numel() for p in params) / 1e6)
+    return trainable
 
 
-def _open_tracker(cfg: TrainConfig, run: RunFolder, rank: int, world: int, state: TrainState) -> Tracker:
+def _open_tracker(cfg: TrainConfig, run: RunFolder, rank: int, world: int, state: TrainState,
+                  trainable: int) -> Tracker:
     tracking = cfg.tracking if cfg.tracking.run_name else dataclasses.replace(
         cfg.tracking, run_name=f"{cfg.stage}-{run.path.resolve().name}")  # not MLflow's random name
-    tracker = Tracker.open(tracking, run.path, is_main=rank == 0, run_id=state.run_id, params=flatten(cfg),
+    params = {**flatten(cfg), "trainable_parameters": trainable}
+    tracker = Tracker.open(tracking, run.path, is_main=rank == 0, run_id=state.run_id, params=params,
                            tags={"stage": cfg.stage, "world_size": str(world)})
     if rank == 0:
         state.run_id = tracker.run_id  # rank 0's is the one its checkpoint files carry

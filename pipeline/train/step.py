@@ -1,10 +1,12 @@
 """One TGA micro-step: the multimodal forward, the caption targets, the loss.
 
-Under ZeRO-3 every forward gathers parameters collectively, so each rank must run the same
-forwards through the same modules in the same order: the text-side forward runs on every rank when
+Under ZeRO-3 every forward and every backward gathers parameters collectively, so each rank must
+run the same modules in the same order, both ways: the text-side forward runs on every rank when
 any rank needs it, and a rank whose batch has no image still runs the vision tower and projector on
-a dummy image, between the token embedding and the decoder as Llava does for images (its output
-enters the loss with weight 0), so the others never wait on it.
+a dummy image, between the token embedding and the decoder as Llava does for images. Its features
+join the token embeddings with weight 0 (values unchanged), so the backward also runs as on a rank
+with images: through the decoder into the embeddings, then the projector. (Added to the loss
+instead, a frozen-LLM rank without images would skip the decoder's backward that the others run.)
 """
 from __future__ import annotations
 
@@ -62,7 +64,6 @@ def tga_forward(engine, batch: Batch, targets_fn: CaptionTargets, step_fraction:
     """`engine`: a DeepSpeed engine or the bare Llava model (tests, analysis)."""
     model = getattr(engine, "module", engine)
     pixel_values = batch.pixel_values
-    dummy: list[torch.Tensor] = []
     hook = None
     if pixel_values is None:
         # A batch without images still runs tower + projector, at the point Llava runs them for
@@ -70,7 +71,7 @@ def tga_forward(engine, batch: Batch, targets_fn: CaptionTargets, step_fraction:
         # parameters module by module in collectives (and starts each forward with one), so every
         # rank must visit the modules in the same order or the ranks wait on each other for ever.
         hook = model.get_input_embeddings().register_forward_hook(
-            lambda module, args, output: dummy.append(_dummy_vision(model, output.device)))
+            lambda module, args, output: output + 0.0 * _dummy_vision(model, output.device))
     try:
         # Packed batches carry position_ids and no attention_mask: transformers derives per-sample
         # attention from them (flash varlen / block-diagonal mask), which needs use_cache=False.
@@ -80,7 +81,7 @@ def tga_forward(engine, batch: Batch, targets_fn: CaptionTargets, step_fraction:
     finally:
         if hook is not None:
             hook.remove()
-    lm_loss = out.loss + 0.0 * dummy[0] if dummy else out.loss
+    lm_loss = out.loss
     if not cfg.enabled:
         return lm_loss, {"lm": lm_loss.detach()}
     targets, valid = targets_fn(model, batch)
