@@ -43,9 +43,19 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return _build(cls, raw, prefix="", source=source)
 
 
-def parse_args(cls: type[T], argv: list[str] | None = None) -> T:
-    """`--config FILE [key.sub=value ...]` → config; errors exit with the message (no traceback)."""
+def parse_args(cls: type[T], argv: list[str] | None = None, usage: str = "") -> T:
+    """`--config FILE [key.sub=value ...]` → config; errors exit with the message (no traceback).
+
+    `--help` lists every key with its type and default; `--print-config` prints the resolved
+    config as YAML; both exit 0 without running anything. `usage`: the entry's own flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(f"usage: --config FILE [key.sub=value ...] [--print-config] {usage}".rstrip()
+              + f"\n\n{cls.__name__} keys:")
+        print("\n".join(f"  {line}" for line in describe_keys(cls)))
+        raise SystemExit(0)
+    print_config = "--print-config" in argv
+    argv = [a for a in argv if a != "--print-config"]
     path = None
     if "--config" in argv:
         at = argv.index("--config")
@@ -54,9 +64,35 @@ def parse_args(cls: type[T], argv: list[str] | None = None) -> T:
         path = argv[at + 1]
         del argv[at : at + 2]
     try:
-        return load_config(cls, path, argv)
+        cfg = load_config(cls, path, argv)
     except ConfigError as err:
         raise SystemExit(f"config error: {err}") from None
+    if print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        raise SystemExit(0)
+    return cfg
+
+
+def describe_keys(cls, prefix: str = "") -> list[str]:
+    """`key.sub: type = default` for every leaf key of a config dataclass (sections recursed)."""
+    lines = []
+    hints = get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        tp = hints[field.name]
+        section = next((a for a in (tp, *get_args(tp)) if dataclasses.is_dataclass(a)), None)
+        if section is not None:
+            optional = " (optional section: omit for none)" if tp is not section else ""
+            lines.append(f"{prefix}{field.name}:{optional}")
+            lines += describe_keys(section, f"{prefix}{field.name}.")
+            continue
+        if field.default is not dataclasses.MISSING:
+            default = f" = {to_dict(field.default)!r}"
+        elif field.default_factory is not dataclasses.MISSING:
+            default = f" = {to_dict(field.default_factory())!r}"
+        else:
+            default = " (required)"
+        lines.append(f"{prefix}{field.name}: {_describe(tp)}{default}")
+    return lines
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

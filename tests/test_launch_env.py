@@ -185,4 +185,4 @@ def test_apply_writes_the_variables_into_the_environment_and_a_second_call_keeps
     first = apply_rank_environment(environ, hostnames=expanded([]))
     assert {k: environ[k] for k in RANK_VARIABLES} == first
     assert apply_rank_environment(environ, hostnames=never, port=never) == first
-    assert "[launch] rank 0 of 4, master gpu07:23456" in capsys.readouterr().out
+    assert "[launch] rank 0 of 4, master gpu07:23456" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from mlflow import MlflowClient
 from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file
@@ -19,6 +20,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from pipeline.config import ConfigError, load_config
 from pipeline.data.batch import SampleEncoder, collate
 from pipeline.data.shards import iter_shard
+from pipeline.export import main as export_main
 from pipeline.model.assemble import ModelConfig, apply_freeze, build_llava
 from pipeline.model.lora import LoraConfig, add_lora, is_lora_parameter
 from pipeline.tga.loss import TGAConfig
@@ -76,7 +78,8 @@ def test_only_adapters_and_projector_get_gradients_and_the_caption_forward_sees_
 def test_lora_with_the_whole_llm_trainable_is_refused_and_the_7b_lora_config_loads(tiny_world, shards):
     with pytest.raises(ConfigError, match="lora"):
         load_config(TrainConfig, REPO / "configs/tiny/stage2.yaml",
-                    stage_overrides(tiny_world, shards, shards.parent / "run", **{"lora.rank": 4}))
+                    stage_overrides(tiny_world, shards, shards.parent / "run",
+                                    **{"lora.rank": 4, "model.projector": "null"}))
     cfg = load_config(TrainConfig, REPO / "configs/stage2_lora.yaml", [
         f"shards={shards}", f"model.llm={tiny_world.llm}", f"model.vision_tower={tiny_world.clip}",
         "model.projector=null"])
@@ -87,24 +90,28 @@ def test_lora_with_the_whole_llm_trainable_is_refused_and_the_7b_lora_config_loa
 def test_lora_stage2_resumes_exactly_and_exports_a_merged_model_and_a_peft_adapter(tiny_world, shards, tmp_path):
     def overrides(run):
         return stage_overrides(tiny_world, shards, run, **{
-            "loader.batch_size": 2, "max_steps": 8, "model.projector": "null", "trainable": "[projector]",
-            "lora.rank": 8, "lora.alpha": 16, "optim.lr": 1e-3, "checkpoint.every_steps": 3,
+            "loader.batch_size": 2, "max_steps": 6, "model.projector": "null", "trainable": "[projector]",
+            "lora.rank": 8, "lora.alpha": 16, "optim.lr": 1e-3, "checkpoint.every_steps": 2,
             "tracking.plot_every_steps": 0})
 
     reference = tmp_path / "reference"
     run_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml", overrides(reference), ranks=2,
               launch_script="stage2.sh", log=tmp_path / "reference.log")
     metrics = metrics_by_step(reference)
-    assert sorted(metrics) == list(range(1, 9)) and all(m["grad_norm"] > 0 for m in metrics.values())
+    assert sorted(metrics) == list(range(1, 7)) and all(m["grad_norm"] > 0 for m in metrics.values())
     # the checkpoint holds what trains: adapters and projector, none of the frozen LLM or tower
-    saved = export_full_state_dict(reference / "checkpoints", 8)
+    saved = export_full_state_dict(reference / "checkpoints", 6)
     assert saved and all(trains(name) for name in saved), sorted(saved)[:5]
     assert any(".lora_A." in name for name in saved)
+    tracking = json.loads((reference / "mlflow_run.json").read_text())
+    params = MlflowClient(tracking["tracking_uri"]).get_run(tracking["run_id"]).data.params
+    assert params["lora.rank"] == "8" and params["lora.alpha"] == "16"
+    assert int(params["trainable_parameters"]) == sum(t.numel() for t in saved.values())
 
     run, log = tmp_path / "run", tmp_path / "run.log"
     proc = start_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml", overrides(run), ranks=2,
                        launch_script="stage2.sh", log=log)
-    wait_for(lambda: 3 in saved_steps(run / "checkpoints") and steps_done(run) >= 5, proc, log)
+    wait_for(lambda: 2 in saved_steps(run / "checkpoints") and steps_done(run) >= 3, proc, log)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     run_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml", overrides(run), ranks=2,
@@ -117,10 +124,8 @@ def test_lora_stage2_resumes_exactly_and_exports_a_merged_model_and_a_peft_adapt
         assert consumed_keys(run, rank) == consumed_keys(reference, rank)
 
     merged, adapter = tmp_path / "merged", tmp_path / "adapter"
-    for out, fmt in ((merged, "hf"), (adapter, "lora")):
-        subprocess.run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(reference / "checkpoints"),
-                        "--out", str(out), "--format", fmt], cwd=REPO, check=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    for out, fmt in ((merged, "hf"), (adapter, "lora")):  # the CLI, in this process
+        export_main(["--checkpoint", str(reference / "checkpoints"), "--out", str(out), "--format", fmt])
     weights = load_file(merged / "model.safetensors")
     assert not any("lora" in name or "base_layer" in name for name in weights)
     # the merged folder is a plain transformers model: it loads with peft unavailable

@@ -49,7 +49,10 @@ def test_stage2_trains_mixed_batches_and_a_killed_run_resumes_with_identical_los
         assert "mfu" not in row, "no MFU without a known device peak"
     seen = {k for rank in (0, 1) for keys in consumed_keys(reference, rank).values() for k in keys}
     assert seen & text_only, "text-only samples were trained alongside image samples"
-    assert "trainable" in (tmp_path / "reference.log").read_text()
+    reference_log = (tmp_path / "reference.log").read_text()
+    assert "trainable" in reference_log
+    # the progress line a Slurm .out file shows between checkpoints (tracking.print_every_steps: 10)
+    assert f"[stage2] step {RESUME_STEPS}/{RESUME_STEPS} lm " in reference_log and " ETA " in reference_log
     run, log = tmp_path / "run", tmp_path / "run.log"
     proc = start_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml", overrides(run), ranks=2,
                        launch_script="stage2.sh", log=log)

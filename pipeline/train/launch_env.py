@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Mapping, MutableMapping
 
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -113,12 +114,13 @@ def rank_environment(environ: Mapping[str, str],
 
 def apply_rank_environment(environ: MutableMapping[str, str] = os.environ, **sources) -> dict[str, str]:
     """Write `rank_environment(environ)` into `environ` (the process's own by default) and return
-    it; rank 0 prints one line. Idempotent: once RANK is set, a second call keeps every value."""
+    it; rank 0 prints one line to stderr (stdout stays the command's own: --print-config's YAML).
+    Idempotent: once RANK is set, a second call keeps every value."""
     values = rank_environment(environ, **sources)
     environ.update(values)
     if values["RANK"] == "0":
         print(f"[launch] rank 0 of {values['WORLD_SIZE']}, master "
-              f"{values['MASTER_ADDR']}:{values['MASTER_PORT']}", flush=True)
+              f"{values['MASTER_ADDR']}:{values['MASTER_PORT']}", file=sys.stderr, flush=True)
     return values
 
 

@@ -15,7 +15,7 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.distributed import any_rank, barrier
 from pipeline.train.flops import StepFlops, peak_flops_per_device
 from pipeline.train.job import Job, build_job
-from pipeline.train.metrics import COSINE, StepMeter
+from pipeline.train.metrics import COSINE, StepMeter, step_line
 from pipeline.train.plots import layer_cosine_figure, save_png
 from pipeline.train.preemption import PreemptionFlag, requeue_if_slurm, signal_names
 from pipeline.train.step import tga_forward
@@ -35,6 +35,7 @@ def train(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> int:
     epochs = AgreedEpochs(job)
     history: list = []  # (step, {layer: cosine}) for the alignment plot
     preempted = False
+    progress = (time.perf_counter(), state.step)
     engine.train()
     while state.step < job.total_steps:
         # Agree on a stop before touching the next batch: the saved loader state must not have
@@ -57,7 +58,7 @@ def train(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> int:
         if meter.micro_steps < cfg.optim.grad_accum:
             continue
         state.step += 1
-        _log_step(job, meter, history)
+        _log_step(job, meter, history, progress)
         meter.reset()
         if job.checkpointer.is_due(state.step) and state.step < job.total_steps:
             job.checkpointer.save(state.step)
@@ -94,9 +95,11 @@ class AgreedEpochs:
         return None
 
 
-def _log_step(job: Job, meter: StepMeter, history: list) -> None:
+def _log_step(job: Job, meter: StepMeter, history: list, progress: tuple[float, int]) -> None:
+    """`progress`: (start time, step) of this process, for the printed line's ETA."""
     step, cfg = job.state.step, job.cfg
-    if step % cfg.log_every_steps and step != 1:
+    log_due = step % cfg.log_every_steps == 0 or step == 1
+    if not (log_due or cfg.tracking.print_due(step)):
         return
     metrics = meter.report_over_ranks(job.world)
     metrics["lr"] = job.engine.get_lr()[0]
@@ -104,6 +107,12 @@ def _log_step(job: Job, meter: StepMeter, history: list) -> None:
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
     if job.rank != 0:
+        return
+    if cfg.tracking.print_due(step):
+        started, first_step = progress
+        print(step_line(cfg.stage, step, job.total_steps, metrics, time.perf_counter() - started,
+                        step - first_step), flush=True)
+    if not log_due:
         return
     job.tracker.log_metrics(metrics, step=step)
     job.run.append_metrics(step, metrics)

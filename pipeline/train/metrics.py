@@ -89,6 +89,24 @@ class StepMeter:
         return out
 
 
+def step_line(stage: str, step: int, total: int, metrics: dict[str, float], elapsed_seconds: float,
+              steps_done: int) -> str:
+    """One progress line for a log file: step/total, loss parts, lr, throughput, data wait, ETA, memory.
+    `steps_done`: optimizer steps this process has run in `elapsed_seconds` (a resume starts at 0)."""
+    parts = " ".join(f"{name} {metrics[name]:.4f}" for name in ("lm", "align", "pair") if name in metrics)
+    eta = elapsed_seconds / max(steps_done, 1) * (total - step)
+    return (f"[{stage}] step {step}/{total} {parts} lr {metrics.get('lr', 0.0):.3g} | "
+            f"{metrics.get('samples_per_second', 0.0):.1f} samples/s {metrics.get('tokens_per_second', 0.0):.0f} "
+            f"tokens/s data {metrics.get('data_wait_fraction', 0.0):.0%} | ETA {_duration(eta)} | "
+            f"peak {metrics.get('peak_memory_gb', 0.0):.1f} GB")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
 def peak_memory_gb() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**30

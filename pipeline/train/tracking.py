@@ -49,6 +49,7 @@ class TrackingConfig:
     experiment: str = "tga"
     run_name: str | None = None
     plot_every_steps: int = 50  # per-layer alignment plot cadence; 0 turns plots off
+    print_every_steps: int = 10  # rank 0 prints a progress line (the Slurm .out file); 0 turns it off
     enabled: bool = True
     request_timeout_seconds: int = 5  # per HTTP request to a tracking server
     retry_interval_seconds: float = 30.0  # after a failure, no new attempt before this much time
@@ -56,13 +57,17 @@ class TrackingConfig:
     def __post_init__(self):
         if not self.experiment:
             raise ValueError("experiment must be a non-empty name")
-        lowest_values = {"plot_every_steps": 0, "request_timeout_seconds": 1, "retry_interval_seconds": 0}
+        lowest_values = {"plot_every_steps": 0, "print_every_steps": 0, "request_timeout_seconds": 1,
+                         "retry_interval_seconds": 0}
         for name, lowest in lowest_values.items():
             if getattr(self, name) < lowest:
                 raise ValueError(f"{name} must be >= {lowest}, got {getattr(self, name)}")
 
     def plot_due(self, step: int) -> bool:
         return self.plot_every_steps > 0 and step % self.plot_every_steps == 0
+
+    def print_due(self, step: int) -> bool:
+        return self.print_every_steps > 0 and step % self.print_every_steps == 0
 
 
 class Tracker:

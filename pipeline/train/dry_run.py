@@ -1,0 +1,102 @@
+"""What a training run needs, checked in seconds: `--dry-run`, and the preflight of every start.
+
+Before a job waits hours in a Slurm queue (`--dry-run`), and again on every rank before DeepSpeed
+starts (so a mistake is one line, not a per-rank traceback): the model folders load as configs and
+tokenizer, the projector is a file, the DeepSpeed config resolves, the shards and their manifest
+are there and enough for `world_size` ranks, and the run has at least one optimizer step. No model
+weights are loaded and no process group is started.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from pipeline.data.llava import IMAGE_TOKEN
+from pipeline.data.loader import batches_per_epoch, list_shards
+from pipeline.data.shards import ShardCountWarning, check_shard_count
+from pipeline.train.config import TrainConfig
+
+
+def preflight(cfg: TrainConfig, world_size: int) -> list[str]:
+    """Problems found, each one line naming the file or key and the fix."""
+    problems = [problem for check in (_model_folders, _deepspeed, _shards) for problem in check(cfg, world_size)]
+    if not problems and _steps(cfg, world_size) < 1:
+        problems.append(f"{cfg.shards}: not enough samples for one optimizer step with {world_size} ranks × "
+                        f"batch {cfg.loader.batch_size} × accum {cfg.optim.grad_accum}")
+    return problems
+
+
+def dry_run(cfg: TrainConfig, world_size: int) -> list[str]:
+    """The preflight, and what the run would be when it passes (printed)."""
+    problems = preflight(cfg, world_size)
+    if not problems:
+        from pipeline.model.assemble import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model)
+        print(f"[dry-run] tokenizer of {cfg.model.tokenizer or cfg.model.llm}: {len(tokenizer)} tokens, "
+              f"{IMAGE_TOKEN} = id {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}", flush=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ShardCountWarning)
+            message = check_shard_count(len(list_shards(cfg.shards)), world_size, cfg.loader.num_workers)
+        if message:
+            print(f"[dry-run] warning: {message}", flush=True)
+        print(f"[dry-run] {cfg.stage}: {_steps(cfg, world_size)} optimizer steps on {world_size} rank(s) "
+              f"(batch {cfg.loader.batch_size} × accum {cfg.optim.grad_accum} per rank); run folder "
+              f"{cfg.run_dir}", flush=True)
+    return problems
+
+
+def _model_folders(cfg: TrainConfig, world_size: int) -> list[str]:
+    from transformers import AutoConfig
+
+    from pipeline.model.assemble import load_tokenizer
+
+    problems = []
+    for key, folder in (("model.llm", cfg.model.llm), ("model.vision_tower", cfg.model.vision_tower)):
+        try:
+            AutoConfig.from_pretrained(folder)
+        except (OSError, ValueError) as err:
+            problems.append(f"{key}={folder}: not a model folder transformers can read ({_first_line(err)}); "
+                            "point it at a folder with config.json and the weights")
+    try:
+        load_tokenizer(cfg.model)
+    except (OSError, ValueError, TypeError) as err:
+        problems.append(f"model.tokenizer/model.llm={cfg.model.tokenizer or cfg.model.llm}: no loadable tokenizer "
+                        f"({_first_line(err)})")
+    if cfg.model.projector is not None and not Path(cfg.model.projector).is_file():
+        problems.append(f"model.projector={cfg.model.projector}: not a file; give the projector export itself "
+                        "(e.g. runs/<stage1>/export/projector.safetensors)")
+    return problems
+
+
+def _deepspeed(cfg: TrainConfig, world_size: int) -> list[str]:
+    from pipeline.train.engine import deepspeed_config
+
+    try:
+        deepspeed_config(cfg, "cpu")
+    except (ValueError, OSError) as err:
+        return [f"deepspeed_config={cfg.deepspeed_config}: {_first_line(err)}"]
+    return []
+
+
+def _shards(cfg: TrainConfig, world_size: int) -> list[str]:
+    try:
+        shards = list_shards(cfg.shards)
+        batches_per_epoch(cfg.shards, world_size, cfg.loader)  # reads the manifest
+    except (FileNotFoundError, OSError) as err:
+        return [_first_line(err)]
+    if len(shards) < world_size:
+        return [f"{cfg.shards}: {len(shards)} shard(s) for {world_size} ranks: every rank needs at least one "
+                "(lower samples_per_shard in the retrieval_join config)"]
+    return []
+
+
+def _steps(cfg: TrainConfig, world_size: int) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    return cfg.epochs * (batches_per_epoch(cfg.shards, world_size, cfg.loader) // cfg.optim.grad_accum)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
