@@ -16,8 +16,6 @@ DeepSpeed's exclude_frozen_parameters). Under ZeRO-3 both are split over ranks; 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,7 +29,7 @@ from transformers.utils import logging as transformers_logging
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench_stage2_throughput import TINY_CONFIG, stage2_samples  # noqa: E402  (sibling scripts)
-from bench_tga_overhead import scaled_layers, scaled_llm, time_round_robin, tiny_world  # noqa: E402
+from bench_tga_overhead import benchmark_arguments, llm_for, time_round_robin, tiny_world  # noqa: E402
 from pipeline.data.batch import collate  # noqa: E402
 from pipeline.model.assemble import ModelConfig, apply_freeze, build_llava  # noqa: E402
 from pipeline.model.lora import LoraConfig, add_lora, trainable_parameters  # noqa: E402
@@ -66,16 +64,8 @@ def checkpoint_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--world", type=Path)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rank", type=int, default=128, help="LoRA rank (alpha = 2 x rank)")
-    parser.add_argument("--hidden", type=int)
-    parser.add_argument("--layers", type=int)
-    parser.add_argument("--quick", action="store_true", help="1 warm-up round, 3 timed rounds, rank 16")
+    parser = benchmark_arguments(__doc__.split("\n")[0], batch=8, steps=10, warmup=2)
+    parser.add_argument("--rank", type=int, default=128, help="LoRA rank (alpha = 2 x rank; 16 with --quick)")
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.steps, args.rank = 1, 3, 16
@@ -87,13 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     tga = TGAConfig(**raw["tga"])
     lora = LoraConfig(rank=args.rank, alpha=2 * args.rank, dropout=0.05)
     with tempfile.TemporaryDirectory() as tmp:
-        llm = world.llm
-        if args.hidden or args.layers:
-            if not (args.hidden and args.layers):
-                raise SystemExit("give both --hidden and --layers")
-            llm = scaled_llm(world, args.hidden, args.layers, Path(tmp) / "llm")
-            tiny_layers = json.loads((world.llm / "config.json").read_text())["num_hidden_layers"]
-            tga = scaled_layers(tga, tiny_layers, args.layers)
+        llm, tga = llm_for(world, tga, args.hidden, args.layers, Path(tmp))
         variants = {"full": build(llm, world, None), "lora": build(llm, world, lora)}
         samples = stage2_samples(world, variants["full"], raw["prompt"], args.batch)
         batch = collate(samples, variants["full"].tokenizer.pad_token_id)

@@ -18,7 +18,6 @@ short rows (b) instead; on GPU flash-attention's varlen kernels skip the masked 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -34,7 +33,7 @@ from transformers.utils import logging as transformers_logging
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from bench_tga_overhead import scaled_layers, scaled_llm, time_round_robin, tiny_world  # noqa: E402
+from bench_tga_overhead import benchmark_arguments, llm_for, time_round_robin, tiny_world  # noqa: E402
 from pipeline.data.batch import SampleEncoder, collate  # noqa: E402
 from pipeline.data.shards import ShardSample  # noqa: E402
 from pipeline.model.assemble import ModelConfig, apply_freeze, build_llava  # noqa: E402
@@ -68,16 +67,7 @@ def stage2_samples(world, assembled, prompt: dict, batch_size: int) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--world", type=Path)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--hidden", type=int)
-    parser.add_argument("--layers", type=int)
-    parser.add_argument("--quick", action="store_true", help="1 warm-up round, 3 timed rounds")
-    args = parser.parse_args(argv)
+    args = benchmark_arguments(__doc__.split("\n")[0], batch=16, steps=20, warmup=3).parse_args(argv)
     if args.quick:
         args.warmup, args.steps = 1, 3
     torch.set_num_threads(args.threads)
@@ -88,13 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = yaml.safe_load(TINY_CONFIG.read_text())
     tga = TGAConfig(**raw["tga"])
     with tempfile.TemporaryDirectory() as tmp:
-        llm = world.llm
-        if args.hidden or args.layers:
-            if not (args.hidden and args.layers):
-                raise SystemExit("give both --hidden and --layers")
-            llm = scaled_llm(world, args.hidden, args.layers, Path(tmp) / "llm")
-            tiny_layers = json.loads((world.llm / "config.json").read_text())["num_hidden_layers"]
-            tga = scaled_layers(tga, tiny_layers, args.layers)
+        llm, tga = llm_for(world, tga, args.hidden, args.layers, Path(tmp))
         torch.manual_seed(0)
         assembled = build_llava(ModelConfig(llm=llm, vision_tower=world.clip))
     model = assembled.model

@@ -104,6 +104,33 @@ def scaled_llm(world: WorldPaths, hidden: int, layers: int, out: Path) -> Path:
     return out
 
 
+def benchmark_arguments(description: str, *, batch: int, steps: int, warmup: int) -> argparse.ArgumentParser:
+    """The options the stage-2 benchmarks share: world, batch, timed and warm-up rounds, threads,
+    the --hidden/--layers random LLM, --quick."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--world", type=Path)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--quick", action="store_true", help="1 warm-up round, 3 timed rounds")
+    return parser
+
+
+def llm_for(world: WorldPaths, tga: TGAConfig, hidden: int | None, layers: int | None,
+            tmp: Path) -> tuple[Path, TGAConfig]:
+    """The tiny world's LLM, or with --hidden/--layers a random Llama of that size (written under
+    `tmp`) and the alignment band moved to the same relative depth."""
+    if hidden is None and layers is None:
+        return world.llm, tga
+    if hidden is None or layers is None:
+        raise SystemExit("give both --hidden and --layers")
+    tiny_layers = json.loads((world.llm / "config.json").read_text())["num_hidden_layers"]
+    return scaled_llm(world, hidden, layers, tmp / "llm"), scaled_layers(tga, tiny_layers, layers)
+
+
 def scaled_layers(tga: TGAConfig, tiny_layers: int, layers: int) -> TGAConfig:
     """The tiny config's alignment band at the same relative depth of a model with `layers` layers."""
     band = sorted({max(1, min(layers, round(layer * layers / tiny_layers))) for layer in tga.layers})
@@ -250,11 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     world = tiny_world(args.world)
     prompt, tga = stage1_settings()
     with tempfile.TemporaryDirectory() as tmp:
-        llm = world.llm
-        if args.hidden is not None:
-            tiny_layers = json.loads((world.llm / "config.json").read_text())["num_hidden_layers"]
-            llm = scaled_llm(world, args.hidden, args.layers, Path(tmp) / "llm")
-            tga = scaled_layers(tga, tiny_layers, args.layers)
+        llm, tga = llm_for(world, tga, args.hidden, args.layers, Path(tmp))
         run(world, llm, tga, prompt, args)
     print(f"machine load after (1/5/15 min): {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 

@@ -14,6 +14,10 @@ from pipeline.data.shards import ShardWriter, shard_name, write_manifest
 from pipeline.tinyworld import ensure
 
 REPO = Path(__file__).resolve().parent.parent
+# DeepSpeed's ZeRO optimizer check imports its Muon kernels, whose @torch.compile pulls in all of
+# inductor (seconds per rank at every start); nothing in the tests compiles. Every process the suite
+# starts (stage launches, ablation steps, Slurm jobs, benchmarks) inherits this.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 def _tinyworld_cache() -> Path:

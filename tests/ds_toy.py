@@ -347,4 +347,8 @@ def _run(command: list[str]) -> Launch:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from pipeline.train.distributed import shutdown
+
+    shutdown()  # as the stages do: no process group left for interpreter exit to tear down
+    sys.exit(code)

@@ -45,3 +45,12 @@ def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
 def barrier() -> None:
     if _active():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group together: a group still alive at interpreter exit can abort a
+    finished rank ("terminate called without an active exception", exit -6) while its gloo
+    threads are torn down, which Slurm would count as a failed job."""
+    if dist.is_available() and dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()

@@ -12,7 +12,7 @@ import deepspeed
 from pipeline.data.batch import Batch
 from pipeline.model.assemble import projector_state_dict, save_projector
 from pipeline.train.config import TrainConfig
-from pipeline.train.distributed import any_rank, barrier
+from pipeline.train.distributed import any_rank, barrier, shutdown
 from pipeline.train.flops import StepFlops, peak_flops_per_device
 from pipeline.train.job import Job, build_job
 from pipeline.train.metrics import COSINE, StepMeter, step_line
@@ -166,4 +166,5 @@ def main(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> None:
     preemption = _preemption_flag(preemption, cfg.preemption_signals)
     code = train(cfg, preemption)
     preemption.ignore_from_now()  # finished or checkpointed: a late signal must not fail the job
+    shutdown()
     sys.exit(code)
