@@ -6,12 +6,18 @@ import hashlib
 import json
 import os
 import random
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from pipeline.data.shards import ShardWriter, shard_name, write_manifest
 from pipeline.tinyworld import ensure
+
+_REGENERATION = pytest.StashKey[tuple]()
 
 REPO = Path(__file__).resolve().parent.parent
 # DeepSpeed's ZeRO optimizer check imports its Muon kernels, whose @torch.compile pulls in all of
@@ -27,6 +33,60 @@ def _tinyworld_cache() -> Path:
         digest.update(path.read_bytes())
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tga-pipeline" / "tinyworld"
     return root / digest.hexdigest()[:16]
+
+
+# tests/test_tinyworld.py regenerates the world from scratch (~2 min of one core) to prove the same
+# seed gives the same bytes. The suite keeps one core idle on average, so that generation starts in
+# the background as soon as collection shows the test will run, and the test waits for its result.
+_WORLD_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+import torch
+from pipeline.tinyworld import generate
+torch.set_num_threads(1)
+settings = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+start = time.perf_counter()
+generate(Path(sys.argv[1]) / "tiny", seed=0)
+restored = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()) == settings
+Path(sys.argv[1], "generation.json").write_text(json.dumps(
+    {"seconds": time.perf_counter() - start, "torch_settings_restored": restored}))
+"""
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly or not any(
+            item.nodeid.startswith("tests/test_tinyworld.py") for item in session.items):
+        return
+    folder = Path(tempfile.mkdtemp(prefix="tinyworld-regenerated-"))
+    log = open(folder / "generation.log", "wb")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    session.config.stash[_REGENERATION] = (subprocess.Popen(
+        [sys.executable, "-c", _WORLD_SCRIPT, str(folder)], cwd=REPO, env=env, stdout=log,
+        stderr=subprocess.STDOUT), folder, log)
+
+
+def pytest_sessionfinish(session):
+    started = session.config.stash.get(_REGENERATION, None)
+    if started is not None:
+        proc, folder, log = started
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def regenerated_world(request) -> tuple[Path, dict]:
+    """(root, {"seconds", "torch_settings_restored"}) of the background generation (waited for)."""
+    started = request.config.stash.get(_REGENERATION, None)
+    if started is None:
+        pytest.fail("the background tiny-world generation was not started (pytest_collection_finish)")
+    proc, folder, log = started
+    if proc.wait() != 0:
+        log.flush()
+        pytest.fail(f"tiny world generation failed:\n{(folder / 'generation.log').read_text()[-3000:]}")
+    return folder / "tiny", json.loads((folder / "generation.json").read_text())
 
 
 SHM = Path("/dev/shm")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -31,15 +30,12 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, one_torch_thread) -> tuple[WorldPaths, float]:
-    torch_settings = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
-    start = time.perf_counter()
-    paths = generate(tmp_path_factory.mktemp("world") / "tiny", seed=0)
-    seconds = time.perf_counter() - start
-    print(f"\ntiny world generated in {seconds:.1f} s")
-    assert (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()) == torch_settings, \
-        "generation must restore the caller's torch settings"
-    return paths, seconds
+def world(regenerated_world) -> tuple[WorldPaths, float]:
+    """A second generation from scratch (tests/conftest.py runs it in the background, one thread)."""
+    root, report = regenerated_world
+    print(f"\ntiny world generated in {report['seconds']:.1f} s")
+    assert report["torch_settings_restored"], "generation must restore the caller's torch settings"
+    return WorldPaths.under(root), report["seconds"]
 
 
 @pytest.fixture(scope="module")
