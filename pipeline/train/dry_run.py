@@ -20,7 +20,7 @@ from pipeline.train.config import TrainConfig
 def preflight(cfg: TrainConfig, world_size: int) -> list[str]:
     """Problems found, each one line naming the file or key and the fix."""
     problems = [problem for check in (_model_folders, _deepspeed, _shards) for problem in check(cfg, world_size)]
-    if not problems and _steps(cfg, world_size) < 1:
+    if not problems and total_steps(cfg, world_size) < 1:
         problems.append(f"{cfg.shards}: not enough samples for one optimizer step with {world_size} ranks × "
                         f"batch {cfg.loader.batch_size} × accum {cfg.optim.grad_accum}")
     return problems
@@ -40,7 +40,7 @@ def dry_run(cfg: TrainConfig, world_size: int) -> list[str]:
             message = check_shard_count(len(list_shards(cfg.shards)), world_size, cfg.loader.num_workers)
         if message:
             print(f"[dry-run] warning: {message}", flush=True)
-        print(f"[dry-run] {cfg.stage}: {_steps(cfg, world_size)} optimizer steps on {world_size} rank(s) "
+        print(f"[dry-run] {cfg.stage}: {total_steps(cfg, world_size)} optimizer steps on {world_size} rank(s) "
               f"(batch {cfg.loader.batch_size} × accum {cfg.optim.grad_accum} per rank); run folder "
               f"{cfg.run_dir}", flush=True)
     return problems
@@ -91,7 +91,9 @@ def _shards(cfg: TrainConfig, world_size: int) -> list[str]:
     return []
 
 
-def _steps(cfg: TrainConfig, world_size: int) -> int:
+def total_steps(cfg: TrainConfig, world_size: int) -> int:
+    """Optimizer steps of the run (what sizes the LR schedule): `max_steps`, else epochs × the
+    slowest rank's full batches per epoch / grad_accum."""
     if cfg.max_steps:
         return cfg.max_steps
     return cfg.epochs * (batches_per_epoch(cfg.shards, world_size, cfg.loader) // cfg.optim.grad_accum)

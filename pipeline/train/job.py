@@ -17,10 +17,10 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from pipeline.config import dump_yaml, flatten
 from pipeline.data.batch import SampleEncoder, collate
-from pipeline.data.loader import batches_per_epoch, build_loader
+from pipeline.data.loader import build_loader
 from pipeline.model.assemble import AssembledModel, apply_freeze, build_llava
 from pipeline.model.lora import add_lora, trainable_parameters
-from pipeline.train import engine as ds_engine
+from pipeline.train import dry_run, engine as ds_engine
 from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.config import TrainConfig
 from pipeline.train.rng import RNGState
@@ -60,9 +60,8 @@ def build_job(cfg: TrainConfig) -> Job:
         add_lora(assembled.model, cfg.lora)
     trainable = _freeze(assembled, cfg, rank)
     loader = train_loader(cfg, assembled, rank, world)
-    total_steps = cfg.max_steps or cfg.epochs * (batches_per_epoch(cfg.shards, world, cfg.loader)
-                                                 // cfg.optim.grad_accum)
-    if total_steps < 1:
+    total_steps = dry_run.total_steps(cfg, world)
+    if total_steps < 1:  # the stage entry's preflight says so first; this holds for other callers
         raise SystemExit(f"{cfg.shards}: not enough samples for one optimizer step "
                          f"({world} ranks × batch {cfg.loader.batch_size} × accum {cfg.optim.grad_accum})")
     engine, _, _ = ds_engine.initialize(assembled.model, cfg, ds_config, total_steps, dev)
