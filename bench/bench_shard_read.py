@@ -1,19 +1,26 @@
-"""Shard reading: samples/s of `iter_shard` (+ JPEG decode) vs a raw `tarfile` read + PIL decode.
+"""Shard reading: samples/s of `iter_shard` (+ JPEG decode) vs a raw `tarfile` read + PIL decode,
+from local files and from a loopback HTTP server.
 
     PYTHONPATH=. .venv/bin/python bench/bench_shard_read.py [--samples 2000] [--size 336] [--repeats 5]
 
 Writes synthetic 336x336 JPEG samples with contract json through `ShardWriter`, then times, on
-the same files in the same run: (ours) iter_shard → PIL decode of the image, json already parsed;
-(raw) tarfile member loop → PIL decode of every .jpg, json bytes left unparsed. Goal: ours ≥ 0.8×.
+the same files in the same run: (ours) iter_shard (webdataset's gopen, tar expander and key
+grouping) → PIL decode of the image, json already parsed; (raw) a tarfile member loop → PIL decode
+of every .jpg, json bytes left unparsed. Locally raw opens the file; over HTTP (`python -m
+http.server` in its own process on 127.0.0.1) raw streams the response with urllib while ours goes
+through curl as training does. Goal: ours ≥ 0.8× raw for both.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import socket
+import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -62,16 +69,36 @@ def read_ours(paths: list[Path]) -> int:
     return count
 
 
-def read_raw(paths: list[Path]) -> int:
+def read_raw(paths: list) -> int:
     count = 0
     for path in paths:
-        with tarfile.open(path, "r|") as tar:
+        stream = urllib.request.urlopen(path) if str(path).startswith("http") else open(path, "rb")
+        with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 data = tar.extractfile(member).read()
                 if member.name.endswith(".jpg"):
                     Image.open(io.BytesIO(data)).convert("RGB")
                     count += 1
     return count
+
+
+def http_server(folder: Path) -> tuple[subprocess.Popen, str]:
+    """`python -m http.server` on a free loopback port, in its own process (not our GIL)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, f"http://127.0.0.1:{port}"
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise SystemExit("the loopback HTTP server did not start")
+            time.sleep(0.1)
 
 
 def best_rates(readers: dict, paths: list[Path], repeats: int) -> dict[str, float]:
@@ -93,16 +120,24 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    readers = {"raw": read_raw, "ours": read_ours}
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_shards(Path(tmp), args.samples, args.size, args.per_shard)
         read_raw(paths[:1])  # warm the page cache for both readers
-        rates = best_rates({"raw": read_raw, "ours": read_ours}, paths, args.repeats)
-        raw, ours = rates["raw"], rates["ours"]
+        local = best_rates(readers, paths, args.repeats)
+        server, base = http_server(Path(tmp))
+        try:
+            remote = best_rates(readers, [f"{base}/{p.name}" for p in paths], args.repeats)
+        finally:
+            server.kill()
+            server.wait()
         mb = sum(p.stat().st_size for p in paths) / 1e6
     print(f"shards: {len(paths)} x {args.per_shard} samples, {args.size}px JPEG, {mb:.0f} MB")
-    print(f"raw tarfile + PIL decode : {raw:8.0f} samples/s")
-    print(f"iter_shard + PIL decode  : {ours:8.0f} samples/s (json parsed too)")
-    print(f"ratio ours / raw         : {ours / raw:.2f}  (goal >= 0.80)")
+    for where, rates in (("local files", local), ("loopback HTTP", remote)):
+        print(f"{where}:")
+        print(f"  raw tarfile + PIL decode : {rates['raw']:8.0f} samples/s")
+        print(f"  iter_shard + PIL decode  : {rates['ours']:8.0f} samples/s (json parsed too)")
+        print(f"  ratio ours / raw         : {rates['ours'] / rates['raw']:.2f}  (goal >= 0.80)")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def tiny_world():
 
 
 def write_training_shards(world, out: Path, *, samples: int, per_shard: int, seed: int = 0,
-                          stage: str = "stage1", records: list[dict] | None = None) -> Path:
+                          stage: str = "stage1", records: list[dict] | None = None, prefix: str | None = None) -> Path:
     """Shards per the shard contract, written with the shared writer from the world's stage-1 or
     stage-2 JSON (or the given `records`); the retrieved text is another sample's answer (what the retrieval join would give
     for a related image), the caption the sample's first answer; text-only samples keep no image."""
@@ -130,7 +130,7 @@ def write_training_shards(world, out: Path, *, samples: int, per_shard: int, see
     for shard_index, start in enumerate(range(0, len(records), per_shard)):
         with ShardWriter(out / shard_name(shard_index)) as writer:
             for i, record in enumerate(records[start:start + per_shard], start):
-                key = f"{stage}_{i:06d}"
+                key = f"{prefix or stage}_{i:06d}"
                 image = (world.images / record["image"]).read_bytes() if "image" in record else None
                 other = captions[(i + 1 + rng.randrange(len(captions) - 1)) % len(captions)]
                 meta = {"key": key, "source": f"tiny-{stage}", "conversations": record["conversations"],

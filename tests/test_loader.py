@@ -6,7 +6,8 @@ import itertools
 import pytest
 
 from pipeline.data.loader import LoaderConfig, batches_per_epoch, build_loader
-from pipeline.data.shards import ShardCountWarning
+from pipeline.data.shards import ShardCountWarning, write_manifest
+from pipeline.data.sources import DatasetConfig, resolve
 from tests.conftest import write_training_shards
 
 
@@ -23,9 +24,13 @@ def key_length(key: str) -> int:
     return (int(key.rsplit("_", 1)[1]) * 37) % 11
 
 
+def sets_of(shards):
+    return [resolve(DatasetConfig(str(shards)))]
+
+
 def make_loader(shards, rank, world=2, workers=2, batch=3, seed=0, groups=1):
     cfg = LoaderConfig(batch_size=batch, num_workers=workers, length_group_batches=groups)
-    return build_loader(shards, rank=rank, world_size=world, cfg=cfg, encode=keys_only, collate=as_list,
+    return build_loader(sets_of(shards), rank=rank, world_size=world, cfg=cfg, encode=keys_only, collate=as_list,
                         seed=seed, length=key_length)
 
 
@@ -45,7 +50,7 @@ def test_every_sample_is_read_once_per_epoch_across_ranks_and_workers(shards):
     assert len(seen) == len(set(seen))
     # each worker reads 2 shards = 14 samples = 4 batches + 2 left over (logged as epoch_tail)
     assert len(seen) == 56 - 2 * 2 * 2
-    assert batches_per_epoch(shards, 2, LoaderConfig(batch_size=3, num_workers=2)) == 8
+    assert batches_per_epoch(sets_of(shards), 2, LoaderConfig(batch_size=3, num_workers=2)) == 8
 
 
 @pytest.mark.parametrize("stop_after", [1, 3, 6])
@@ -76,12 +81,13 @@ def test_fewer_shards_than_ranks_is_refused_and_fewer_than_readers_warned(shards
         make_loader(shards, 0, world=2, workers=8)
 
 
-def test_missing_manifest_or_shards_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no .tar shards"):
-        make_loader(tmp_path, 0)
-    (tmp_path / "train-000000.tar").write_bytes(b"")
+def test_missing_or_empty_manifest_is_a_clear_error(tmp_path):
+    (tmp_path / "train-000000.tar").write_bytes(b"")  # shards alone are not enough: no listing is used
     with pytest.raises(FileNotFoundError, match="manifest.parquet: missing"):
-        batches_per_epoch(tmp_path, 1, LoaderConfig())
+        make_loader(tmp_path, 0)
+    write_manifest(tmp_path / "manifest.parquet", [])
+    with pytest.raises(OSError, match="lists no samples"):
+        make_loader(tmp_path, 0)
 
 
 def test_length_grouping_orders_each_group_by_length_and_reads_the_same_samples(shards):

@@ -1,7 +1,9 @@
-"""Exact resume: a 2-rank ZeRO-3 stage-1 run stopped by SIGTERM, then killed by SIGKILL after a
-checkpoint, ends with the same per-step losses and the same sample keys as an uninterrupted run."""
+"""Exact resume: a 2-rank ZeRO-3 stage-1 run on a 3:1 mixture of two shard sets streamed from a
+loopback HTTP server, stopped by SIGTERM, then killed by SIGKILL after a checkpoint, ends with the
+same per-step losses and the same sample keys as an uninterrupted run from the local files."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -16,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.train.checkpoint import saved_steps
 from tests.conftest import write_training_shards
+from tests.http_shards import ShardServer
 from tests.mlflow_server import free_port
 from tests.stage_runner import (REPO, consumed_keys, metrics_by_step, run_stage, stage_env,
                                 stage_overrides, start_stage, tail)
@@ -27,13 +30,24 @@ PARTS = ("lm", "align", "pair", "cos_layer/3", "grad_norm", "lr")
 
 @pytest.fixture(scope="module")
 def shards(tiny_world, tmp_path_factory):
-    return write_training_shards(tiny_world, tmp_path_factory.mktemp("resume"), samples=96, per_shard=12)
+    """Two sets, `main` (64 samples) and `extra` (32, other records), as local folders."""
+    root = tmp_path_factory.mktemp("resume")
+    records = json.loads(tiny_world.stage1_json.read_text())
+    write_training_shards(tiny_world, root / "main", samples=64, per_shard=8, records=records[:64])
+    write_training_shards(tiny_world, root / "extra", samples=32, per_shard=8, records=records[64:96],
+                          prefix="extra")
+    return root
 
 
-def overrides(world, shards, run_dir):
-    return stage_overrides(world, shards, run_dir, **{
+def mixture(main: str, extra: str) -> str:
+    """The 3:1 `data:` list as a command-line override."""
+    return f"data=[{{shards: '{main}', weight: 3}}, {{shards: '{extra}', weight: 1}}]"
+
+
+def overrides(world, data: str, run_dir):
+    return [o for o in stage_overrides(world, "-", run_dir, **{
         "loader.batch_size": 2, "max_steps": STEPS, "checkpoint.every_steps": 5,
-        "checkpoint.keep_last": 2, "tracking.plot_every_steps": 0})
+        "checkpoint.keep_last": 2, "tracking.plot_every_steps": 0}) if not o.startswith("shards=")] + ["shards=null", data]
 
 
 def start(world, shards, run_dir: Path, log: Path):
@@ -64,19 +78,25 @@ def rank_pid(launcher: psutil.Popen, rank: int) -> int:
 
 
 def test_sigterm_then_sigkill_resume_replays_identical_losses_and_samples(tiny_world, shards, tmp_path):
+    with ShardServer(shards) as server:
+        over_http = mixture(server.url("files", "main"), server.url("files", "extra"))
+        interrupted_then_resumed(tiny_world, mixture(shards / "main", shards / "extra"), over_http, tmp_path)
+
+
+def interrupted_then_resumed(tiny_world, local, over_http, tmp_path):
     # The reference also proves `deepspeed launch/stage1.sh` (the launcher runs the script as Python).
     reference = tmp_path / "reference"
     with open(tmp_path / "reference.log", "wb") as out:
         done = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
                                "--master_port", str(free_port()), "launch/stage1.sh",
-                               *overrides(tiny_world, shards, reference)],
+                               *overrides(tiny_world, local, reference)],
                               cwd=REPO, env=stage_env(CONFIG="configs/tiny/stage1.yaml"), stdout=out,
                               stderr=subprocess.STDOUT, timeout=900)
     assert done.returncode == 0, tail(tmp_path / "reference.log")
 
     run, log = tmp_path / "interrupted", tmp_path / "interrupted.log"
     # 1. SIGTERM on rank 1 only: both ranks agree at the next step boundary, save the same step, exit 0.
-    proc = start(tiny_world, shards, run, log)
+    proc = start(tiny_world, over_http, run, log)
     wait_for(lambda: steps_done(run) >= 7, proc, log)
     os.kill(rank_pid(proc, 1), signal.SIGTERM)
     assert proc.wait(timeout=300) == 0, tail(log)
@@ -86,7 +106,7 @@ def test_sigterm_then_sigkill_resume_replays_identical_losses_and_samples(tiny_w
         ["rank_0.pt", "rank_1.pt"]
 
     # 2. Resume, then SIGKILL everything a random number of steps after the next checkpoint.
-    proc = start(tiny_world, shards, run, log)
+    proc = start(tiny_world, over_http, run, log)
     next_ckpt = (stopped_at // 5 + 1) * 5
     kill_after = next_ckpt + random.Random().randint(1, 3)
     wait_for(lambda: next_ckpt in saved_steps(run / "checkpoints") and steps_done(run) >= kill_after, proc, log)
@@ -94,7 +114,7 @@ def test_sigterm_then_sigkill_resume_replays_identical_losses_and_samples(tiny_w
     proc.wait()
 
     # 3. Resume to the end.
-    run_stage("stages.stage1_align", "configs/tiny/stage1.yaml", overrides(tiny_world, shards, run),
+    run_stage("stages.stage1_align", "configs/tiny/stage1.yaml", overrides(tiny_world, over_http, run),
               ranks=2, launch_script="stage1.sh", log=log)
 
     expected, got = metrics_by_step(reference), metrics_by_step(run)
@@ -112,3 +132,8 @@ def test_sigterm_then_sigkill_resume_replays_identical_losses_and_samples(tiny_w
     assert len(runs) == 1, "a resumed job must append to the same MLflow run"
     steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "lm")}
     assert steps == set(range(1, STEPS + 1))
+    # per-set sample counts continue across the resume: the last step's equal the ledgers' keys
+    final = runs[0].data.metrics
+    extra = sum(k.startswith("extra_") for k in keys)
+    assert (final["data/main/samples"], final["data/extra/samples"]) == (len(keys) - extra, extra)
+    assert 0.15 < extra / len(keys) < 0.35, "a 3:1 mixture"

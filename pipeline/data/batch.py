@@ -24,6 +24,7 @@ class Encoded:
     key: str
     text: Any                      # pipeline.tga.prompt.EncodedSample
     pixel_values: torch.Tensor | None
+    dataset: str = ""              # the data set (mixture entry) it was drawn from
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -72,7 +73,7 @@ class SampleEncoder:
             pixels = self.pixels(sample.image) if sample.image is not None else None
         except (OSError, ValueError) as err:
             return Rejected("undecodable_image", f"{type(err).__name__}: {err}")
-        return Encoded(sample.key, text, pixels)
+        return Encoded(sample.key, text, pixels, getattr(sample, "dataset", ""))
 
 
 @dataclasses.dataclass
@@ -90,6 +91,7 @@ class Batch:
     caption_input_ids: torch.Tensor     # [B, Tc] the TGA text-only forward's input, right-padded
     caption_attention_mask: torch.Tensor  # [B, Tc]
     caption_spans: torch.Tensor         # [B, 2] caption tokens in caption_input_ids; (0, 0) = none
+    datasets: list[str] = dataclasses.field(default_factory=list)  # [B] the data set of each sample
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -143,6 +145,7 @@ def collate(samples: list[Encoded], pad_id: int, packed: bool = False, single_ro
         span_rows=torch.tensor(span_rows, **long),
         pixel_values=torch.stack(images) if images else None,
         **_captions(placed, pad_id),
+        datasets=[s.dataset for s in placed],
     )
 
 

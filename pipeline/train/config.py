@@ -7,6 +7,7 @@ from typing import Literal
 
 from pipeline.config import InputPath
 from pipeline.data.loader import LoaderConfig
+from pipeline.data.sources import DatasetConfig
 from pipeline.model.assemble import ModelConfig
 from pipeline.model.lora import LoraConfig
 from pipeline.tga.loss import TGAConfig
@@ -36,8 +37,11 @@ class OptimConfig:
 class TrainConfig:
     stage: Literal["stage1", "stage2"]
     run_dir: Path
-    shards: InputPath
     model: ModelConfig
+    # The training data: one shard set (a folder, a URL prefix or a brace-expanded URL list; see
+    # pipeline/data/sources.py) or `data:`, a weighted mixture [{shards, weight, name, manifest}, …]
+    shards: str | None = None
+    data: list[DatasetConfig] = dataclasses.field(default_factory=list)
     deepspeed_config: InputPath = Path("configs/deepspeed/zero3.json")
     trainable: list[str] = dataclasses.field(default_factory=lambda: ["projector"])
     prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
@@ -60,12 +64,26 @@ class TrainConfig:
     peak_tflops: float | None = None
 
     @property
+    def datasets(self) -> list[DatasetConfig]:
+        return self.data or [DatasetConfig(shards=self.shards)]
+
+    @property
     def caption_targets_frozen(self) -> bool:
         """With the LLM frozen and no adapters (stage 1) a sample's caption targets never change:
         they are cached."""
         return "llm" not in self.trainable and self.lora is None
 
     def __post_init__(self):
+        if self.shards is not None:
+            object.__setattr__(self, "shards", str(self.shards))  # a Path from Python callers
+        if (self.shards is None) == (not self.data):
+            raise ValueError("name the training data once: shards=<folder or URLs> for one set, or a "
+                             "data: list of {shards, weight} for a mixture (over a config file that sets "
+                             "the other one, add shards=null or data=[])")
+        names = [d.label for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data: two sets are both called {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
+                             "give each its own name: key")
         if self.lora is not None and "llm" in self.trainable:
             raise ValueError("lora trains adapters on a frozen LLM: remove 'llm' from trainable "
                              "(e.g. trainable=[projector]) or drop the lora section for full training")

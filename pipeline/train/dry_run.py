@@ -12,16 +12,22 @@ import warnings
 from pathlib import Path
 
 from pipeline.data.llava import IMAGE_TOKEN
-from pipeline.data.loader import batches_per_epoch, list_shards
-from pipeline.data.shards import ShardCountWarning, check_shard_count
+from pipeline.data.loader import batches_per_epoch, check_readers
+from pipeline.data.shards import ShardCountWarning
+from pipeline.data.sources import ShardSet, describe, resolve_all
 from pipeline.train.config import TrainConfig
+
+
+def shard_sets(cfg: TrainConfig) -> list[ShardSet]:
+    """The config's data sets, resolved from their manifests (once per process)."""
+    return resolve_all(tuple(cfg.datasets), cfg.loader.read_timeout_s)
 
 
 def preflight(cfg: TrainConfig, world_size: int) -> list[str]:
     """Problems found, each one line naming the file or key and the fix."""
     problems = [problem for check in (_model_folders, _deepspeed, _shards) for problem in check(cfg, world_size)]
     if not problems and total_steps(cfg, world_size) < 1:
-        problems.append(f"{cfg.shards}: not enough samples for one optimizer step with {world_size} ranks × "
+        problems.append(f"{cfg.shards or 'data'}: not enough samples for one optimizer step with {world_size} ranks × "
                         f"batch {cfg.loader.batch_size} × accum {cfg.optim.grad_accum}")
     return problems
 
@@ -35,10 +41,11 @@ def dry_run(cfg: TrainConfig, world_size: int) -> list[str]:
         tokenizer = load_tokenizer(cfg.model)
         print(f"[dry-run] tokenizer of {cfg.model.tokenizer or cfg.model.llm}: {len(tokenizer)} tokens, "
               f"{IMAGE_TOKEN} = id {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}", flush=True)
+        print(f"[dry-run] data: {describe(shard_sets(cfg))}", flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ShardCountWarning)
-            message = check_shard_count(len(list_shards(cfg.shards)), world_size, cfg.loader.num_workers)
-        if message:
+            messages = check_readers(shard_sets(cfg), world_size, cfg.loader.num_workers)
+        for message in messages:
             print(f"[dry-run] warning: {message}", flush=True)
         print(f"[dry-run] {cfg.stage}: {total_steps(cfg, world_size)} optimizer steps on {world_size} rank(s) "
               f"(batch {cfg.loader.batch_size} × accum {cfg.optim.grad_accum} per rank); run folder "
@@ -81,13 +88,12 @@ def _deepspeed(cfg: TrainConfig, world_size: int) -> list[str]:
 
 def _shards(cfg: TrainConfig, world_size: int) -> list[str]:
     try:
-        shards = list_shards(cfg.shards)
-        batches_per_epoch(cfg.shards, world_size, cfg.loader)  # reads the manifest
-    except (FileNotFoundError, OSError) as err:
+        sets = shard_sets(cfg)  # reads the manifests
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ShardCountWarning)
+            check_readers(sets, world_size, cfg.loader.num_workers)
+    except (OSError, ValueError) as err:  # missing, unreachable, too few shards
         return [_first_line(err)]
-    if len(shards) < world_size:
-        return [f"{cfg.shards}: {len(shards)} shard(s) for {world_size} ranks: every rank needs at least one "
-                "(lower samples_per_shard in the retrieval_join config)"]
     return []
 
 
@@ -96,7 +102,7 @@ def total_steps(cfg: TrainConfig, world_size: int) -> int:
     slowest rank's full batches per epoch / grad_accum."""
     if cfg.max_steps:
         return cfg.max_steps
-    return cfg.epochs * (batches_per_epoch(cfg.shards, world_size, cfg.loader) // cfg.optim.grad_accum)
+    return cfg.epochs * (batches_per_epoch(shard_sets(cfg), world_size, cfg.loader) // cfg.optim.grad_accum)
 
 
 def _first_line(err: Exception) -> str:

@@ -23,6 +23,7 @@ from pipeline.model.lora import add_lora, trainable_parameters
 from pipeline.train import dry_run, engine as ds_engine
 from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.config import TrainConfig
+from pipeline.train.metrics import DatasetCounts
 from pipeline.train.rng import RNGState
 from pipeline.train.run_folder import RunFolder
 from pipeline.train.state import TrainState
@@ -46,6 +47,7 @@ class Job:
     caption_targets: CaptionTargets
     total_steps: int
     resumed: bool
+    datasets: DatasetCounts         # samples per data set (logged for a mixture)
 
 
 def build_job(cfg: TrainConfig) -> Job:
@@ -62,13 +64,14 @@ def build_job(cfg: TrainConfig) -> Job:
     loader = train_loader(cfg, assembled, rank, world)
     total_steps = dry_run.total_steps(cfg, world)
     if total_steps < 1:  # the stage entry's preflight says so first; this holds for other callers
-        raise SystemExit(f"{cfg.shards}: not enough samples for one optimizer step "
+        raise SystemExit(f"{cfg.shards or 'data'}: not enough samples for one optimizer step "
                          f"({world} ranks × batch {cfg.loader.batch_size} × accum {cfg.optim.grad_accum})")
     engine, _, _ = ds_engine.initialize(assembled.model, cfg, ds_config, total_steps, dev)
     state = TrainState()
+    datasets = DatasetCounts([d.label for d in cfg.datasets])
     # LoRA: the frozen LLM is rebuilt from its folder on resume; the checkpoint holds what trains
     checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint, engine, global_state={"train_state": state},
-                                rank_state={"loader": loader, "rng": RNGState()},
+                                rank_state={"loader": loader, "rng": RNGState(), "datasets": datasets},
                                 trainable_only=cfg.lora is not None)
     resumed = checkpointer.load() is not None
     if resumed:
@@ -79,7 +82,8 @@ def build_job(cfg: TrainConfig) -> Job:
         _write_run_files(cfg, run, tracker, ds_config, fresh=not resumed)
     run.rewind(state.step, rank)
     targets = CaptionTargets(cfg.tga.layers, cached=cfg.caption_targets_frozen)
-    return Job(cfg, rank, world, run, engine, loader, checkpointer, tracker, state, targets, total_steps, resumed)
+    return Job(cfg, rank, world, run, engine, loader, checkpointer, tracker, state, targets, total_steps, resumed,
+               datasets)
 
 
 def train_loader(cfg: TrainConfig, assembled: AssembledModel, rank: int, world: int) -> StatefulDataLoader:
@@ -91,7 +95,7 @@ def train_loader(cfg: TrainConfig, assembled: AssembledModel, rank: int, world: 
     attention = assembled.model.config.text_config._attn_implementation
     batch = functools.partial(collate, pad_id=assembled.tokenizer.pad_token_id, packed=cfg.loader.packing,
                               single_row=attention == "flash_attention_2")
-    return build_loader(cfg.shards, rank=rank, world_size=world, cfg=cfg.loader, encode=encoder,
+    return build_loader(dry_run.shard_sets(cfg), rank=rank, world_size=world, cfg=cfg.loader, encode=encoder,
                         collate=batch, seed=cfg.seed)
 
 

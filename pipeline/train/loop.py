@@ -54,6 +54,7 @@ def train(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> int:
         engine.backward(loss)
         engine.step()
         meter.micro(batch, parts, caption_forward=targets.forwards > forwards)
+        job.datasets.add(batch)
         job.run.append_ledger(job.rank, state.step, batch.keys)
         if meter.micro_steps < cfg.optim.grad_accum:
             continue
@@ -83,7 +84,7 @@ class AgreedEpochs:
             return batch
         job = self.job
         if self.this_epoch == 0 and self.fresh:
-            raise RuntimeError(f"{job.cfg.shards}: a rank got no batch in epoch {job.state.epoch} "
+            raise RuntimeError(f"{job.cfg.shards or 'data'}: rank {job.rank} got no batch in epoch {job.state.epoch} "
                                "(all its samples rejected?); see the skip warnings above")
         if batch is not None:
             log.info("rank %d: epoch %d ends on another rank; its last fetched batch (%d samples) "
@@ -103,6 +104,8 @@ def _log_step(job: Job, meter: StepMeter, history: list, progress: tuple[float, 
         return
     metrics = meter.report_over_ranks(job.world)
     metrics["lr"] = job.engine.get_lr()[0]
+    if len(cfg.datasets) > 1:
+        metrics.update(job.datasets.report_over_ranks())
     grad_norm = job.engine.get_global_grad_norm()
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)

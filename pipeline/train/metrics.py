@@ -89,6 +89,32 @@ class StepMeter:
         return out
 
 
+class DatasetCounts:
+    """Samples trained per data set on this rank since the run began (a per-rank checkpoint state
+    object, so the counts continue across a resume); `report_over_ranks` gives the job's."""
+
+    def __init__(self, names: list[str]):
+        self.counts = dict.fromkeys(names, 0)
+
+    def add(self, batch) -> None:
+        for name in batch.datasets:
+            self.counts[name] += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.counts.update(state)
+
+    def report_over_ranks(self) -> dict[str, float]:
+        """`data/<name>/samples` (all ranks) and `data/<name>/share` of all samples (a collective)."""
+        summed = sum_over_ranks({name: float(count) for name, count in self.counts.items()})
+        total = sum(summed.values()) or 1.0
+        out = {f"data/{name}/samples": value for name, value in summed.items()}
+        out.update({f"data/{name}/share": value / total for name, value in summed.items()})
+        return out
+
+
 def step_line(stage: str, step: int, total: int, metrics: dict[str, float], elapsed_seconds: float,
               steps_done: int) -> str:
     """One progress line for a log file: step/total, loss parts, lr, throughput, data wait, ETA, memory.
