@@ -202,3 +202,14 @@ def test_a_config_names_one_set_or_a_mixture(tmp_path, sets):
         load_config(TrainConfig, path, [f"data=[{{shards: {sets['a']}}}, {{shards: {sets['a']}}}]"])
     with pytest.raises(ConfigError, match="weight must be > 0"):
         load_config(TrainConfig, path, [f"data=[{{shards: {sets['a']}, weight: 0}}]"])
+
+
+def test_a_shard_error_from_a_loader_worker_is_one_line_naming_the_shard(server):
+    from pipeline.train.loop import data_error_line
+
+    bad = remote_set(server, {0: "cut", 1: "cut", 2: "cut", 3: "cut"})
+    with pytest.raises((ShardReadError, ValueError)) as caught:
+        list(loader([bad], workers=1))
+    line = data_error_line(caught.value)
+    assert "Caught" in str(caught.value) and "\n" not in line  # raised in a worker process
+    assert "/cut/a/train-00000" in line and line.startswith("http://127.0.0.1:")

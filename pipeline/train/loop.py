@@ -4,12 +4,14 @@ preemption. It only decides *when*; pipeline/train/job.py builds what it drives.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
 import deepspeed
 
 from pipeline.data.batch import Batch
+from pipeline.data.shards import ShardFormatError, ShardReadError
 from pipeline.model.assemble import projector_state_dict, save_projector
 from pipeline.train.config import TrainConfig
 from pipeline.train.distributed import any_rank, barrier, shutdown
@@ -153,6 +155,16 @@ def _export_projector(job: Job) -> None:
     barrier()
 
 
+def data_error_line(err: Exception) -> str:
+    """The shard error's own message, also when a loader worker raised it (torch then prefixes
+    "Caught … in DataLoader worker process N" and the worker's traceback)."""
+    name = type(err).__name__
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    own = [line.split(": ", 1)[1] for line in lines if line.startswith(f"{name}: ") or
+           line.startswith(f"pipeline.data.shards.{name}: ")]
+    return own[-1] if own else (lines[0] if lines else name)
+
+
 def _preemption_flag(early: PreemptionFlag | None, signals: list[str]) -> PreemptionFlag:
     """The flag for the configured signals, keeping a signal the early (default) flag caught."""
     if early is not None and set(early.signals) == set(signal_names(signals)):
@@ -167,7 +179,13 @@ def _preemption_flag(early: PreemptionFlag | None, signals: list[str]) -> Preemp
 
 def main(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> None:
     preemption = _preemption_flag(preemption, cfg.preemption_signals)
-    code = train(cfg, preemption)
+    try:
+        code = train(cfg, preemption)
+    except (ShardReadError, ShardFormatError) as err:
+        # one line naming the shard; the launcher (or srun --kill-on-bad-exit) stops the other ranks
+        rank = os.environ.get("RANK", "0")
+        print(f"[{cfg.stage}] rank {rank}: {data_error_line(err)}", file=sys.stderr, flush=True)
+        sys.exit(1)
     preemption.ignore_from_now()  # finished or checkpointed: a late signal must not fail the job
     shutdown()
     sys.exit(code)
