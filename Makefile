@@ -1,7 +1,9 @@
 # Two commands for a newcomer: `make demo` and `make test`. Everything they need is built here.
-# Environments live outside the checkout, keyed by a hash of their pinned requirements, so every
-# clone of the same revision reuses them:  $(ENV_ROOT)/main-<hash>, $(ENV_ROOT)/retrieval-<hash>.
-# Overridable: PYTHON (interpreter that creates the venvs), ENV_ROOT, PYTEST_ARGS, ABLATION_SEEDS.
+# Environments live outside the checkout, keyed by a hash of everything they install (requirements
+# files, torch pins, wheel index), so every clone of the same revision reuses them:
+# $(ENV_ROOT)/main-<hash>, $(ENV_ROOT)/retrieval-<hash>.
+# Overridable: PYTHON (interpreter that creates the venvs), ENV_ROOT, PYTEST_ARGS, ABLATION_SEEDS,
+# and for torch (README, "Installing on a CUDA cluster"): TORCH_INDEX_URL, HAS_CUDA, FLASH_ATTN_WHEEL.
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 PYTHON ?= python3
@@ -9,18 +11,40 @@ ENV_ROOT ?= $(HOME)/.cache/tga-pipeline/envs
 PYTEST_ARGS ?=
 ABLATION_SEEDS ?= 0
 
-# CUDA machines take the default (CUDA) torch wheel and flash-attn; others the CPU wheel, installed
-# before anything else so no dependency drags in a multi-GB CUDA build.
+# torch (and torchvision) go in first, so no later dependency drags in a build of its own choice.
+# TORCH_INDEX_URL: a PyTorch wheel index they come from (https://download.pytorch.org/whl/cu128 for
+#   a CUDA 12 driver, .../whl/cpu for CPU wheels); empty = PyPI, whose x86_64 Linux torch is the
+#   CUDA 13 build, except where pip finds a local CPU wheel of the pinned version (the dev machines).
+# HAS_CUDA: 1 = CUDA environment (adds flash-attn), 0 = not; found with nvidia-smi. Give HAS_CUDA=1
+#   on a login node without GPUs to build the environment its GPU nodes use.
+# FLASH_ATTN_WHEEL: a prebuilt flash-attn wheel (file or URL) to install instead of
+#   requirements/gpu.txt's source release.
+TORCH_INDEX_URL ?=
+FLASH_ATTN_WHEEL ?=
+ifndef HAS_CUDA
 HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
-ifeq ($(HAS_CUDA),1)
-TORCH_SPEC := torch
-EXTRA_SPEC := flash-attn
-else
-TORCH_SPEC := torch==2.13.0
-EXTRA_SPEC :=
 endif
-MAIN_HASH := $(shell cat requirements/main.txt requirements/dev.txt | { cat; echo "$(TORCH_SPEC) $(EXTRA_SPEC)"; } | sha256sum | cut -c1-12)
-RETRIEVAL_HASH := $(shell sha256sum requirements/retrieval.txt | cut -c1-12)
+TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+TORCH_PINS := $(shell grep -E '^torch(vision)?==' requirements/torch.txt)
+ifeq ($(HAS_CUDA)-$(TORCH_INDEX_URL),0-)
+# No CUDA, no index: torch is the local CPU wheel, and PyPI's torchvision (a CUDA build) does not
+# import beside it.
+MAIN_TORCH := $(filter torch==%,$(TORCH_PINS))
+else
+MAIN_TORCH := $(TORCH_PINS)
+endif
+ifeq ($(HAS_CUDA),1)
+GPU_REQUIREMENTS := requirements/gpu-build.txt requirements/gpu.txt
+endif
+RETRIEVAL_TORCH := $(shell grep -E '^torch(vision)?==' requirements/retrieval.txt)
+# PyPI's torch pulls its CUDA 13 runtime: pinned as constraints, which a wheel index's builds (CPU,
+# CUDA 12) do not need.
+RETRIEVAL_CUDA := $(if $(TORCH_INDEX_URL),,-c requirements/retrieval-cuda13.txt)
+
+MAIN_HASH := $(shell cat requirements/main.txt requirements/dev.txt $(GPU_REQUIREMENTS) | \
+  { cat; echo "$(MAIN_TORCH) index=$(TORCH_INDEX_URL) flash-attn=$(FLASH_ATTN_WHEEL)"; } | sha256sum | cut -c1-12)
+RETRIEVAL_HASH := $(shell cat requirements/retrieval.txt requirements/retrieval-cuda13.txt | \
+  { cat; echo "index=$(TORCH_INDEX_URL)"; } | sha256sum | cut -c1-12)
 MAIN_ENV := $(ENV_ROOT)/main-$(MAIN_HASH)
 RETRIEVAL_ENV := $(ENV_ROOT)/retrieval-$(RETRIEVAL_HASH)
 PY := $(MAIN_ENV)/bin/python
@@ -86,13 +110,23 @@ retrieval-env: $(RETRIEVAL_ENV)/.ready
 # A venv is only used once `.ready` exists; an interrupted build is wiped and redone. No file
 # prerequisites: the hash in the folder name already tracks the requirements' content, and a fresh
 # clone's newer mtimes must not rebuild an environment that other clones share.
+# flash-attn (CUDA only) builds against the torch installed above: without build isolation, since an
+# isolated build has no torch (or a torch of its own choosing). Its setup.py downloads the prebuilt
+# wheel for this torch/CUDA/Python from flash-attention's releases when one exists, else compiles.
+# clip-anytorch only for its OpenAI BPE vocabulary file (tiny CLIP tokenizer); never imported.
 $(MAIN_ENV)/.ready:
 	rm -rf $(MAIN_ENV) && mkdir -p $(ENV_ROOT)
 	$(PYTHON) -m venv $(MAIN_ENV)
 	$(MAIN_ENV)/bin/pip install -q --upgrade pip
-	$(MAIN_ENV)/bin/pip install -q "$(TORCH_SPEC)"
-	$(MAIN_ENV)/bin/pip install -q -r requirements/main.txt -r requirements/dev.txt $(EXTRA_SPEC)
-	# clip-anytorch only for its OpenAI BPE vocabulary file (tiny CLIP tokenizer); never imported.
+	$(MAIN_ENV)/bin/pip install -q $(TORCH_INDEX) $(MAIN_TORCH)
+	$(MAIN_ENV)/bin/pip install -q -r requirements/main.txt -r requirements/dev.txt
+ifeq ($(HAS_CUDA),1)
+	$(MAIN_ENV)/bin/pip install -q -r requirements/gpu-build.txt
+	$(MAIN_ENV)/bin/pip install --no-build-isolation $(or $(FLASH_ATTN_WHEEL),-r requirements/gpu.txt) || { \
+	  echo "flash-attn did not install. With no prebuilt wheel for this torch/CUDA/Python it compiles, which needs" \
+	       "a CUDA toolkit of torch's CUDA major version (nvcc on PATH or CUDA_HOME) and about an hour (MAX_JOBS=N" \
+	       "sets the parallel jobs). Or give a prebuilt wheel: make env FLASH_ATTN_WHEEL=<file or URL>." >&2; exit 1; }
+endif
 	$(MAIN_ENV)/bin/pip install -q --no-deps clip-anytorch==2.6.0
 	touch $@
 
@@ -100,7 +134,8 @@ $(RETRIEVAL_ENV)/.ready:
 	rm -rf $(RETRIEVAL_ENV) && mkdir -p $(ENV_ROOT)
 	$(PYTHON) -m venv $(RETRIEVAL_ENV)
 	$(RETRIEVAL_ENV)/bin/pip install -q --upgrade pip
-	$(RETRIEVAL_ENV)/bin/pip install -q -r requirements/retrieval.txt
+	$(RETRIEVAL_ENV)/bin/pip install -q $(TORCH_INDEX) $(RETRIEVAL_CUDA) $(RETRIEVAL_TORCH)
+	$(RETRIEVAL_ENV)/bin/pip install -q $(RETRIEVAL_CUDA) -r requirements/retrieval.txt
 	touch $@
 
 clean-work:

@@ -1,0 +1,422 @@
+"""One GPU check: stage-1 and stage-2 training steps of a ~1B-parameter Llava under DeepSpeed ZeRO-3
+on one GPU, with flash-attention 2 and bf16, through the pipeline's own code. No downloads.
+
+    bash bench/gpu_check.sh                          # a CUDA machine (the wrapper: env, timeout)
+    PYTHONPATH=. .venv/bin/python bench/gpu_check.py --device cpu --tiny   # the same logic, toy size
+
+Random-weight Llama (Llama-3.2-1B's shape, vocabulary 32000) and CLIP vision tower (ViT-L/14-336's
+shape) folders with a tokenizer trained on the batch's text; `build_llava` inside ZeRO-3,
+`apply_freeze`, `pipeline.train.engine.initialize` as configs/stage{1,2}.yaml say; tiny-world
+samples through `SampleEncoder` and `collate` (padded, or packed as `loader.packing` lays it out);
+each step `tga_forward` + engine backward + step. Per stage: packed vs padded loss parts on the same
+weights (TOLERANCE), then padded/packed × TGA/plain timed: s/step, tokens/s, model TFLOP/s, MFU,
+peak memory. bench/README.md ("gpu_check") explains the output. Exit status 0 when packed = padded
+in both stages, 1 when not, 2 when this environment cannot run the check.
+
+Pipeline modules are imported inside the functions: DeepSpeed reads DS_ACCELERATOR at its first
+import, which `main` sets from --device.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import importlib.metadata
+import io
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# |packed - padded| <= atol + rtol·|padded| for each loss part. bf16 keeps 8 significant bits
+# (rounding 2^-9 ≈ 0.2% per operation); both layouts run the same attention kernel but GEMMs of
+# other shapes, so they round differently: 1% leaves room for 16 layers of that and still catches
+# a wrong mask or position id (those move the loss by whole units, not per mille).
+TOLERANCE = {torch.bfloat16: (1e-2, 1e-2), torch.float32: (1e-4, 1e-5)}  # (rtol, atol)
+REFERENCE_LAYERS = 32  # the configs' tga.layers are the safety band of a 32-layer LLM
+STAGES = ("stage1", "stage2")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    llm: dict                    # LlamaConfig fields; vocab_size None = the tokenizer's length
+    vision: dict                 # CLIPVisionConfig fields
+    batch: dict                  # stage -> micro-batch; absent: the config's loader.batch_size
+    max_tokens: int | None       # None = the config's prompt.max_tokens
+
+
+FULL = Sizes(llm=dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                      intermediate_size=8192, vocab_size=32000),
+             vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                         image_size=336, patch_size=14),
+             batch={}, max_tokens=None)
+TINY = Sizes(llm=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=None),
+             vision=dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                         image_size=32, patch_size=8),
+             batch={"stage1": 4, "stage2": 4}, max_tokens=320)
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    seconds: list[float]         # timed steps
+    peak_gib: float | None       # CUDA only
+    caption_forward: bool        # the TGA text forward ran in its steps
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cuda: the check (flash-attention 2, bf16, NCCL); cpu: SDPA, fp32, gloo")
+    parser.add_argument("--tiny", action="store_true", help="toy model and micro-batches of 4 (the CPU test)")
+    parser.add_argument("--steps", type=int, help="timed steps per variant (default 5, 2 with --tiny)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before each variant's timed ones")
+    parser.add_argument("--stage1-batch", type=int, help="stage-1 micro-batch (default: configs/stage1.yaml's)")
+    parser.add_argument("--stage2-batch", type=int, help="stage-2 micro-batch (default: configs/stage2.yaml's)")
+    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of a GPU that pipeline/train/flops.py "
+                        "does not know (for MFU)")
+    args = parser.parse_args(argv)
+    args.steps = args.steps if args.steps is not None else 2 if args.tiny else 5
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)
+    started = time.perf_counter()
+    dev, sizes = args.device, TINY if args.tiny else FULL
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    if dev == "cuda" and not torch.cuda.is_available():
+        listed = _nvidia_smi("-L").count("GPU ")
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU build"
+        print(f"gpu_check: torch {torch.__version__} ({build}) sees no GPU"
+              f"{f', although nvidia-smi lists {listed}' if listed else ''}: this is not the CUDA environment. "
+              "Build it on the GPU node (README, 'Installing on a CUDA cluster').", file=sys.stderr)
+        return 2
+    os.environ.setdefault("DS_ACCELERATOR", dev)
+    # DeepSpeed JIT-builds its CPU comm op; a cache shared with another environment rebuilds it
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as transformers_logging
+
+    from pipeline.model.assemble import resolve_attention
+    from pipeline.train import engine as ds_engine
+    from pipeline.train.distributed import shutdown
+    from pipeline.train.launch_env import apply_rank_environment
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    # ZeRO-3 calls torch.distributed functions that torch deprecates, with a warning per call
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    print_versions(dev)
+    if dev == "cuda" and resolve_attention("auto", dev, dtype) != "flash_attention_2":
+        print(f"gpu_check: flash-attn ({_version('flash-attn')}) does not import here (see the warning above), so "
+              "training would use SDPA. `make env` on a CUDA machine installs it (README, 'Installing on a CUDA "
+              "cluster').", file=sys.stderr)
+        return 2
+    ranks = apply_rank_environment()
+    if ranks["WORLD_SIZE"] != "1":
+        print(f"gpu_check runs one rank; this process is rank {ranks['RANK']} of {ranks['WORLD_SIZE']}: start one "
+              "task (srun -n 1 --gres=gpu:1 bash bench/gpu_check.sh)", file=sys.stderr)
+        return 2
+    ds_engine.init_distributed(dev)
+    equal = {}
+    with tempfile.TemporaryDirectory(prefix="tga-gpu-check-") as tmp:
+        records = tiny_world_records(max(16, *(micro_batch(stage, args, sizes) for stage in STAGES)))
+        phase = time.perf_counter()
+        write_models(Path(tmp), sizes, records, dev, dtype)
+        print(f"random-weight model folders written in {time.perf_counter() - phase:.0f} s")
+        for stage in STAGES:
+            equal[stage] = run_stage(stage, args, sizes, records, Path(tmp), dtype)
+    shutdown()
+    ok = all(equal.values())
+    print(f"\npacked = padded (every loss part, same weights) in stage 1 and stage 2: {'yes' if ok else 'NO'}")
+    print(f"total wall time {time.perf_counter() - started:.0f} s")
+    return 0 if ok else 1
+
+
+def print_versions(dev: str) -> None:
+    import deepspeed
+    import transformers
+
+    print("== tga-pipeline GPU check (bench/gpu_check.py) ==")
+    print(f"python {platform.python_version()} | torch {torch.__version__} | deepspeed {deepspeed.__version__} | "
+          f"transformers {transformers.__version__} | flash-attn {_version('flash-attn')} | "
+          f"torchvision {_version('torchvision')}")
+    if dev != "cuda":
+        print(f"device: CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s); SDPA, fp32, gloo")
+        return
+    from pipeline.train.flops import peak_tflops_of
+
+    gpu = torch.cuda.get_device_properties(0)
+    driver = _nvidia_smi("--query-gpu=driver_version", "--format=csv,noheader").splitlines()
+    peak = peak_tflops_of(gpu.name)
+    print(f"CUDA {torch.version.cuda} (torch's build), cuDNN {torch.backends.cudnn.version()}, driver "
+          f"{driver[0] if driver else 'unknown'}; {torch.cuda.device_count()} GPU(s) visible, using GPU 0")
+    print(f"GPU 0: {gpu.name}, {gpu.total_memory / 2**30:.1f} GiB, compute capability {gpu.major}.{gpu.minor}, "
+          f"{gpu.multi_processor_count} SMs; dense bf16 peak "
+          f"{f'{peak:.0f} TFLOP/s' if peak else 'unknown to pipeline/train/flops.py (give --peak-tflops)'}")
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _nvidia_smi(*args: str) -> str:
+    try:
+        return subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def tiny_world_records(count: int, seed: int = 0) -> list[dict]:
+    """`count` stage-1 records (LCS-558K style) and `count` stage-2 ones (mix665k style, every fourth
+    a text-only chat) of random tiny-world scenes, each image rendered to JPEG bytes."""
+    from pipeline.tinyworld import scenes, text
+
+    rng = random.Random(f"{seed}:gpu-check")
+    records = []
+    for stage in STAGES:
+        for i in range(count):
+            scene = scenes.sample_scene(rng)
+            caption = text.caption(scene, rng)
+            record = {"stage": stage, "key": f"{stage}-{i:04d}", "image": None, "caption": ""}
+            if stage == "stage2" and i % 4 == 3:
+                records.append({**record, "conversations": text.text_only_conversation(rng, scene)})
+                continue
+            jpeg = io.BytesIO()
+            scenes.render(scene).save(jpeg, format="JPEG", quality=90)
+            conversations = ([{"from": "human", "value": text.stage1_prompt(rng)}, {"from": "gpt", "value": caption}]
+                             if stage == "stage1" else text.scene_conversation(scene, caption, rng))
+            records.append({**record, "image": jpeg.getvalue(), "caption": caption, "conversations": conversations})
+    return records
+
+
+def write_models(tmp: Path, sizes: Sizes, records: list[dict], dev: str, dtype: torch.dtype) -> None:
+    """tmp/llm (random Llama + a tokenizer trained on the records' text) and tmp/vision_tower
+    (random CLIP vision tower + its image processor): the folders `build_llava` loads. Initialised
+    on the device, where a 1B model takes seconds instead of minutes."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from pipeline.tga.templates import LLAMA2_SYSTEM, VICUNA_SYSTEM
+    from pipeline.tinyworld.models import CLIP_MEAN, CLIP_STD
+    from pipeline.tinyworld.tokenizer import train_llm_tokenizer
+
+    # the system prompts too: a real tokenizer does not spell them out byte by byte
+    tokenizer = train_llm_tokenizer([turn["value"] for r in records for turn in r["conversations"]]
+                                    + [r["caption"] for r in records if r["caption"]] + [LLAMA2_SYSTEM, VICUNA_SYSTEM])
+    tokenizer.model_max_length = 4096
+    llm = LlamaConfig(**{**sizes.llm, "vocab_size": sizes.llm["vocab_size"] or len(tokenizer)},
+                      max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = CLIPVisionConfig(**sizes.vision, projection_dim=768, hidden_act="quick_gelu")
+    torch.manual_seed(0)
+    with torch.device(dev):
+        LlamaForCausalLM(llm).to(dtype).save_pretrained(tmp / "llm")
+        CLIPVisionModel(vision).to(dtype).save_pretrained(tmp / "vision_tower")
+    tokenizer.save_pretrained(tmp / "llm")
+    side = sizes.vision["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                       image_mean=CLIP_MEAN, image_std=CLIP_STD).save_pretrained(tmp / "vision_tower")
+
+
+def micro_batch(stage: str, args, sizes: Sizes) -> int:
+    """--stage<N>-batch, else the size's, else configs/<stage>.yaml's loader.batch_size."""
+    import yaml
+
+    chosen = getattr(args, f"{stage}_batch") or sizes.batch.get(stage)
+    return chosen or yaml.safe_load((REPO / "configs" / f"{stage}.yaml").read_text())["loader"]["batch_size"]
+
+
+def stage_config(stage: str, args, sizes: Sizes, tmp: Path):
+    """configs/<stage>.yaml with the check's model folders, device and sizes."""
+    from pipeline.config import load_config
+    from pipeline.train.config import TrainConfig
+
+    run_dir = tmp / f"run-{stage}"
+    (run_dir / "shards").mkdir(parents=True)  # never read: the batches are built here
+    overrides = [f"model.llm={tmp / 'llm'}", f"model.vision_tower={tmp / 'vision_tower'}", "model.projector=null",
+                 f"run_dir={run_dir}", f"shards={run_dir / 'shards'}", f"device={args.device}",
+                 "optim.warmup_ratio=0.0", "optim.schedule=constant",
+                 f"loader.batch_size={micro_batch(stage, args, sizes)}"]
+    overrides += [f"prompt.max_tokens={sizes.max_tokens}"] if sizes.max_tokens else []
+    cfg = load_config(TrainConfig, REPO / "configs" / f"{stage}.yaml", overrides)
+    layers = sizes.llm["num_hidden_layers"]  # the band at the same relative depth
+    band = sorted({max(1, min(layers, round(layer * layers / REFERENCE_LAYERS))) for layer in cfg.tga.layers})
+    return dataclasses.replace(cfg, tga=dataclasses.replace(cfg.tga, layers=band))
+
+
+def encode(assembled, cfg, records: list[dict], stage: str) -> list:
+    """A micro-batch of the stage's records through `SampleEncoder`, as the loader's workers encode
+    shard samples; an image sample's retrieved text is the next image record's caption."""
+    from pipeline.data.batch import SampleEncoder
+    from pipeline.data.shards import ShardSample
+    from pipeline.tga.prompt import Rejected
+
+    encoder = SampleEncoder(assembled.tokenizer, assembled.image_processor, num_image_tokens=assembled.num_image_tokens,
+                            template=cfg.prompt.template, insert_retrieved=cfg.prompt.insert_retrieved,
+                            max_tokens=cfg.prompt.max_tokens, pad_to_square=cfg.model.pad_to_square)
+    own = [r for r in records if r["stage"] == stage][:cfg.loader.batch_size]
+    captions = [r["caption"] for r in own if r["caption"]]
+    encoded = []
+    for i, r in enumerate(own):
+        retrieved = [{"text": captions[(i + 1) % len(captions)], "score": 0.5, "caption_id": f"c{i}"}]
+        retrieved = retrieved if r["image"] else []
+        sample = encoder(ShardSample(r["key"], r["image"], {"key": r["key"], "conversations": r["conversations"],
+                                                           "image_caption": r["caption"], "retrieved": retrieved}))
+        if isinstance(sample, Rejected):
+            raise SystemExit(f"{r['key']}: rejected by SampleEncoder ({sample.reason}); raise prompt.max_tokens")
+        encoded.append(sample)
+    return encoded
+
+
+def run_stage(stage: str, args, sizes: Sizes, records: list[dict], tmp: Path, dtype: torch.dtype) -> bool:
+    """Build the stage's engine, check packed = padded, time the variants, print; True if equal."""
+    from pipeline.data.batch import collate
+    from pipeline.model.assemble import apply_freeze, build_llava
+    from pipeline.train import engine as ds_engine
+    from pipeline.train.flops import StepFlops, peak_flops_per_device
+    from pipeline.train.step import CaptionTargets
+
+    phase, dev = time.perf_counter(), args.device
+    cfg = stage_config(stage, args, sizes, tmp)
+    ds = ds_engine.deepspeed_config(cfg, dev)
+    zero3 = ds_engine.zero3_context(ds)  # noqa: F841 — alive while loading: from_pretrained into partitions
+    assembled = build_llava(cfg.model, dev)
+    tensors = apply_freeze(assembled.model, cfg.trainable)
+    engine, _, _ = ds_engine.initialize(assembled.model, cfg, ds, 4 * (args.warmup + args.steps), dev)
+    samples, pad = encode(assembled, cfg, records, stage), assembled.tokenizer.pad_token_id
+    # one packed row for flash-attention's varlen kernels, first-fit rows for SDPA (pipeline.train.job)
+    single_row = engine.module.config.text_config._attn_implementation == "flash_attention_2"
+    batches = {"padded": collate(samples, pad).to(engine.device),
+               "packed": collate(samples, pad, packed=True, single_row=single_row).to(engine.device)}
+    describe(stage, cfg, engine.module, len(tensors), batches, dtype, time.perf_counter() - phase)
+
+    targets = CaptionTargets(cfg.tga.layers, cached=False)
+    equal = check_packed_equals_padded(engine, batches, targets, cfg.tga, dtype)
+    plain = dataclasses.replace(cfg.tga, align_on=False, pair_on=False)
+    variants = [time_variant(f"{layout}, {name}", engine, batches[layout], targets, tga, args)
+                for layout in ("padded", "packed") for name, tga in (("TGA", cfg.tga), ("plain", plain))]
+    padded, flops = batches["padded"], StepFlops.of(engine.module)
+    images = 0 if padded.pixel_values is None else padded.pixel_values.shape[0]
+    captions = padded.caption_attention_mask.sum(dim=1).tolist()
+    step_flops = {v.name: flops.step(padded.seq_lens.tolist(), images, captions if v.caption_forward else [])
+                  for v in variants}
+    print_table(variants, int(padded.seq_lens.sum()), step_flops,
+                peak_flops_per_device(engine.device, args.peak_tflops), args.warmup)
+    engine.destroy()
+    del engine, assembled, zero3, batches, padded
+    gc.collect()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return equal
+
+
+def describe(stage: str, cfg, model, tensors: int, batches: dict, dtype: torch.dtype, build_seconds: float) -> None:
+    numel = {p: getattr(p, "ds_numel", p.numel()) for p in model.parameters()}  # ZeRO-3: the whole tensor
+    trains = sum(n for p, n in numel.items() if p.requires_grad)
+    text, vision = model.config.text_config, model.config.vision_config
+    image_tokens = (vision.image_size // vision.patch_size) ** 2
+    print(f"\n== {stage.replace('stage', 'stage ')}: configs/{stage}.yaml; trains {' + '.join(cfg.trainable)}: "
+          f"{trains / 1e6:.4g} M of {sum(numel.values()) / 1e6:.4g} M parameters ({tensors} tensors); "
+          f"engine built in {build_seconds:.0f} s")
+    print(f"model: Llama hidden {text.hidden_size} x {text.num_hidden_layers} layers, heads {text.num_attention_heads}/"
+          f"{text.num_key_value_heads}, MLP {text.intermediate_size}, vocabulary {text.vocab_size}; CLIP vision "
+          f"{vision.hidden_size} x {vision.num_hidden_layers} layers, {vision.image_size} px / {vision.patch_size} -> "
+          f"{image_tokens} image tokens; random weights; {text._attn_implementation}, {_name(dtype)}, ZeRO-3, "
+          f"1 rank; gradient checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}; TGA layers "
+          f"{cfg.tga.layers}, caption targets from a text forward every step (a one-epoch run)")
+    padded, packed = batches["padded"], batches["packed"]
+    tokens, positions = int(padded.seq_lens.sum()), padded.input_ids.numel()
+    images = 0 if padded.pixel_values is None else padded.pixel_values.shape[0]
+    print(f"micro-batch: {len(padded)} samples ({images} with an image), {tokens} real tokens, longest "
+          f"{int(padded.seq_lens.max())}; padded {tuple(padded.input_ids.shape)} = {positions} positions "
+          f"({1 - tokens / positions:.0%} padding), packed {tuple(packed.input_ids.shape)}; caption input "
+          f"{tuple(padded.caption_input_ids.shape)}")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_packed_equals_padded(engine, batches: dict, targets, tga_cfg, dtype: torch.dtype) -> bool:
+    """Every loss part of a no-grad forward of both layouts on the same weights, within TOLERANCE."""
+    from pipeline.train.step import tga_forward
+
+    rtol, atol = TOLERANCE[dtype]
+    values = {}
+    with torch.no_grad():
+        for layout, batch in batches.items():
+            loss, parts = tga_forward(engine, batch, targets, 0.0, tga_cfg)
+            values[layout] = {"loss": float(loss), **{k: float(parts[k]) for k in ("lm", "align", "pair")}}
+    print(f"packed vs padded, no-grad forward on the same weights; tolerance |packed - padded| <= {atol:g} + "
+          f"{rtol:g} x |padded| ({_name(dtype)}):")
+    ok = True
+    for part, padded in values["padded"].items():
+        packed = values["packed"][part]
+        within = abs(packed - padded) <= atol + rtol * abs(padded)
+        ok &= within
+        print(f"  {part:6s} padded {padded:11.6f}  packed {packed:11.6f}  |diff| {abs(packed - padded):.1e}  "
+              f"{'ok' if within else 'OUT OF TOLERANCE'}")
+    print(f"  packed = padded: {'yes' if ok else 'NO'}")
+    return ok
+
+
+def time_variant(name: str, engine, batch, targets, tga_cfg, args) -> Variant:
+    """--warmup untimed, then --steps timed training steps (synchronised on CUDA)."""
+    from pipeline.train.step import tga_forward
+
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    seconds, forwards = [], targets.forwards
+    for step in range(args.warmup + args.steps):
+        started = time.perf_counter()
+        loss, _ = tga_forward(engine, batch, targets, 0.0, tga_cfg)
+        engine.backward(loss)
+        engine.step()
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            seconds.append(time.perf_counter() - started)
+    return Variant(name, seconds, torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                   caption_forward=targets.forwards > forwards)
+
+
+def print_table(variants: list[Variant], tokens: int, step_flops: dict, peak_flops: float | None, warmup: int) -> None:
+    median = {v.name: statistics.median(v.seconds) for v in variants}
+    print(f"{'variant':16s} {'s/step':>8s} {'tokens/s':>10s} {'TFLOP/s':>9s} {'MFU':>6s} {'peak GiB':>9s}")
+    for v in variants:
+        flops_per_second = step_flops[v.name] / median[v.name]
+        mfu = f"{flops_per_second / peak_flops:.1%}" if peak_flops else "n/a"
+        memory = f"{v.peak_gib:.2f}" if v.peak_gib is not None else "n/a"
+        print(f"{v.name:16s} {median[v.name]:8.4f} {tokens / median[v.name]:10.1f} {flops_per_second / 1e12:9.4g} "
+              f"{mfu:>6s} {memory:>9s}")
+    print(f"(median of {len(variants[0].seconds)} timed step(s) after {warmup} untimed; tokens/s: real tokens, not "
+          "padding; TFLOP/s: pipeline/train/flops.py's model FLOPs, without padding or recomputation; MFU: that over "
+          "the GPU's dense bf16 peak; peak GiB: torch.cuda.max_memory_allocated over the variant's steps)")
+    packed_over_padded = {name: median[f"padded, {name}"] / median[f"packed, {name}"] for name in ("TGA", "plain")}
+    tga_over_plain = {layout: median[f"{layout}, TGA"] / median[f"{layout}, plain"] for layout in ("padded", "packed")}
+    print(f"tokens/s packed/padded: TGA {packed_over_padded['TGA']:.3f}, plain {packed_over_padded['plain']:.3f}; "
+          f"step time TGA/plain: padded {tga_over_plain['padded']:.3f}, packed {tga_over_plain['packed']:.3f}")
+
+if __name__ == "__main__":
+    sys.exit(main())
