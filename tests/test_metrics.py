@@ -16,3 +16,19 @@ def test_step_line_eta_counts_only_the_steps_this_process_ran_and_shows_hours():
     # resumed at step 1000: 10 steps in 36 s, 9000 to go → 9 h
     line = step_line("stage2", 1010, 10010, {"lm": 1.0}, elapsed_seconds=36.0, steps_done=10)
     assert "ETA 9h00m" in line and "align" not in line
+
+
+def test_progress_in_a_log_file_is_whole_lines_without_carriage_returns():
+    import io
+
+    from pipeline.progress import LOG_INTERVAL_S, progress
+
+    log = io.StringIO()  # not a terminal, like a Slurm .out file
+    with progress(500, desc="pack", stream=log) as bar:
+        for _ in range(500):
+            bar.update(1)
+    assert bar.mininterval == LOG_INTERVAL_S
+    text = log.getvalue()
+    assert "\r" not in text and text.endswith("\n")
+    lines = text.splitlines()
+    assert lines[0].startswith("pack:") and "500/500" in lines[-1]

@@ -11,7 +11,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Llama
 from transformers.modeling_outputs import CausalLMOutput
 
 from pipeline.analysis import alignment, safety_layers
-from pipeline.analysis.model_folder import (TRAINING_FILE, ModelFolderError, chat_prompt, load_model_folder,
+from pipeline.analysis.model_folder import (TRAINING_FILE, ModelFolderError, chat_prompt, check_device, load_model_folder,
                                             text_parts)
 from tests.test_alignment_tool import save_tiny_llava
 
@@ -155,3 +155,31 @@ def test_a_model_that_does_not_return_all_hidden_states_is_refused(tiny_world, t
     with pytest.raises(SystemExit, match=rf"safety_layers error: {folder}: the model returns none"):
         safety_layers.main(["--model", str(folder), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
                             "--no-mlflow"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_one_line_in_every_tool(tiny_world, tmp_path):
+    from pipeline.eval import ability, dsr
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"id": "a", "prompt": "hi"}]))
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "train-000000.tar").write_bytes(b"")
+    cuda = ["--device", "cuda", "--no-mlflow"]
+    calls = {
+        "safety_layers": lambda: safety_layers.main(["--model", str(tiny_world.llm), "--prompts", str(prompts),
+                                                     "--out", str(tmp_path / "s"), *cuda]),
+        "alignment": lambda: alignment.main(["--model", str(tiny_world.llm), "--shards", str(tmp_path / "shards"),
+                                             "--out", str(tmp_path / "a"), *cuda]),
+        "dsr": lambda: dsr.main(["--model", str(tiny_world.llm), "--data", str(tiny_world.root / "eval" / "toxic_images.json"),
+                                 "--out", str(tmp_path / "d"), *cuda]),
+        "ability": lambda: ability.main(["--model", str(tiny_world.llm), "--data",
+                                         str(tiny_world.root / "eval" / "benign_vqa.json"), "--out", str(tmp_path / "b"), *cuda]),
+    }
+    for tool, call in calls.items():
+        with pytest.raises(SystemExit) as exited:
+            call()
+        message = str(exited.value)
+        assert "--device cuda: torch" in message and "sees no CUDA GPU" in message and "\n" not in message, tool
+    with pytest.raises(ModelFolderError, match="--device tpu: not a torch device"):
+        check_device("tpu")

@@ -83,3 +83,31 @@ def test_a_real_start_with_an_empty_model_folder_stops_with_one_line_before_deep
     problems = [line for line in err.splitlines() if line.startswith("[stage1] ")]
     assert code == 1 and "Traceback" not in err and not (tmp_path / "run").exists()
     assert problems and problems[0].startswith(f"[stage1] model.llm={empty}: not a model folder"), err
+
+
+def fake_checkpoint(run_dir, step: int, world: int) -> None:
+    """The files a resume reads first: a complete step folder with its marker, and `latest`."""
+    import json
+
+    step_dir = run_dir / "checkpoints" / f"global_step{step}"
+    step_dir.mkdir(parents=True)
+    (step_dir / "COMPLETE").write_text(json.dumps({"step": step, "world_size": world, "tag": step_dir.name}))
+    (run_dir / "checkpoints" / "latest").write_text(step_dir.name)
+
+
+@pytest.mark.parametrize("saved_step,extra,expected", [
+    (3, [], "this run finished (step 3 of 3, on 2 ranks); nothing to resume"),  # 2-rank run, rerun with 1
+    (2, [], "checkpoint step 2 was written by 2 ranks, this job has 1; resume with 2 ranks"),
+    (2, ["checkpoint.resume_step=1"], "checkpoint.resume_step=1: "),
+    (2, ["checkpoint.resume=never"], "checkpoint.resume=never, but it holds checkpoints (steps [2])"),
+])
+def test_what_a_resume_would_find_is_checked_before_the_start(world_of_one, tiny_world, shards, tmp_path, capsys,
+                                                               saved_step, extra, expected):
+    run_dir = tmp_path / "run"
+    fake_checkpoint(run_dir, saved_step, world=2)
+    argv = ["--config", "configs/tiny/stage1.yaml", *stage_overrides(tiny_world, shards, run_dir), "max_steps=3",
+            *extra]
+    code, _, err = run(argv, capsys)
+    problems = [line for line in err.splitlines() if line.startswith("[stage1] ")]
+    assert code == 1 and "Traceback" not in err and len(problems) == 1, err
+    assert expected in problems[0]

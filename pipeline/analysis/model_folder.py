@@ -40,6 +40,7 @@ class LoadedModel:
 def load_model_folder(path: str | Path, *, require_llava: bool = False, device: str = "cpu",
                       dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load `path` in eval mode, or raise ModelFolderError naming the folder and what to change."""
+    check_device(device)
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelFolderError(f"{path}: no config.json; pass a transformers model folder "
@@ -63,6 +64,18 @@ def load_model_folder(path: str | Path, *, require_llava: bool = False, device: 
     training_file = path / TRAINING_FILE
     training = json.loads(training_file.read_text()) if training_file.is_file() else {}
     return LoadedModel(path, model, tokenizer, processor, is_llava, num_layers, training)
+
+
+def check_device(device: str) -> None:
+    """`--device` names a device this machine has, before any model is loaded."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ModelFolderError(f"--device {device}: not a torch device; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ModelFolderError(f"--device {device}: torch {torch.__version__} ({build}) sees no CUDA GPU "
+                               "here; run on a GPU node or pass --device cpu")
 
 
 def language_model(loaded: LoadedModel) -> torch.nn.Module:

@@ -128,7 +128,8 @@ def _is_local(clip_model: str) -> bool:
 def _run(command: list[str], log_path: Path, what: str, offline: bool) -> float:
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    # its output goes to a log file: tqdm bars there would be one redraw every 0.1 s
+    env = dict(os.environ, WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false", TQDM_MININTERVAL="30")
     if offline:
         env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     log.info("running %s in the retrieval environment (log: %s)", what, log_path)

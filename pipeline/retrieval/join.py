@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.config import to_dict
 from pipeline.data import llava
 from pipeline.data.shards import (ShardWriter, check_shard_count, shard_name, write_manifest, write_rejects,
                                   write_stats)
+from pipeline.progress import progress as progress_bar
 
 from . import clip_env, corpus, embeddings, pack, parts, search
 from .config import RetrievalJoinConfig
@@ -84,7 +84,7 @@ def _write_shards(writer: _SampleWriter, plans: list, output_dir: Path, rejects:
     """Every planned shard through the writer: (manifest rows, names of the shards written);
     the writer's rejects are appended to `rejects`."""
     manifest, shard_names = [], []
-    with tqdm(total=sum(len(p.samples) for p in plans), desc="write", unit="sample") as progress:
+    with progress_bar(sum(len(p.samples) for p in plans), desc="write") as progress:
         for plan in plans:
             rows, shard_rejects = writer.write_shard(plan, output_dir, progress)
             manifest += rows

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Iterator
 
 from PIL import Image
-from tqdm import tqdm
 
 from pipeline.data.llava import LlavaSample, Reject
 from pipeline.data.shards import ShardWriter, iter_shard
+from pipeline.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 # Images above this many pixels are refused by PIL as decompression bombs; LLaVA's largest are far below.
@@ -64,7 +64,7 @@ def pack_shards(shards: list[tuple[int, list[LlavaSample | Reject]]], image_root
     plans, rejects = [], []
     total = sum(len(items) for _, items in shards)
     pool_context = concurrent.futures.ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext()
-    with pool_context as pool, tqdm(total=total, desc="pack", unit="sample") as progress:
+    with pool_context as pool, progress_bar(total, desc="pack") as progress:
         for shard_index, items in shards:
             samples = [item for item in items if isinstance(item, LlavaSample)]
             jobs = [(image_root / s.image, jpeg_quality) for s in samples if s.image is not None]

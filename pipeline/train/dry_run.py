@@ -26,6 +26,8 @@ def shard_sets(cfg: TrainConfig) -> list[ShardSet]:
 def preflight(cfg: TrainConfig, world_size: int) -> list[str]:
     """Problems found, each one line naming the file or key and the fix."""
     problems = [problem for check in (_model_folders, _deepspeed, _shards) for problem in check(cfg, world_size)]
+    if not problems:
+        problems += _checkpoints(cfg, world_size)
     if not problems and total_steps(cfg, world_size) < 1:
         problems.append(f"{cfg.shards or 'data'}: not enough samples for one optimizer step with {world_size} ranks × "
                         f"batch {cfg.loader.batch_size} × accum {cfg.optim.grad_accum}")
@@ -95,6 +97,39 @@ def _shards(cfg: TrainConfig, world_size: int) -> list[str]:
     except (OSError, ValueError) as err:  # missing, unreachable, too few shards
         return [_first_line(err)]
     return []
+
+
+def _checkpoints(cfg: TrainConfig, world_size: int) -> list[str]:
+    """What a resume would find in the run folder: the step it would load, written by how many ranks."""
+    from pipeline.train.checkpoint import CheckpointError, latest_complete_step, read_marker, saved_steps, step_tag
+    from pipeline.train.engine import deepspeed_config
+    from pipeline.train.run_folder import RunFolder
+
+    ckpt_dir = RunFolder(cfg.run_dir).checkpoints
+    complete = saved_steps(ckpt_dir)
+    resume = cfg.checkpoint
+    if resume.resume == "never":
+        return [f"run_dir={cfg.run_dir}: checkpoint.resume=never, but it holds checkpoints (steps {complete}); "
+                "use a new run_dir or set checkpoint.resume=auto"] if complete else []
+    if resume.resume_step is not None and resume.resume_step not in complete:
+        return [f"checkpoint.resume_step={resume.resume_step}: {ckpt_dir / step_tag(resume.resume_step)} is not a "
+                f"complete checkpoint; complete steps: {complete or 'none'}"]
+    step = resume.resume_step or latest_complete_step(ckpt_dir)
+    if step is None:
+        return []
+    try:
+        saved_world = int(read_marker(ckpt_dir / step_tag(step))["world_size"])
+    except CheckpointError as err:
+        return [_first_line(err)]
+    universal = deepspeed_config(cfg, "cpu").get("checkpoint", {}).get("load_universal", False)
+    if saved_world == world_size or universal:
+        return []
+    if step >= total_steps(cfg, saved_world):
+        return [f"run_dir={cfg.run_dir}: this run finished (step {step} of {step}, on {saved_world} ranks); "
+                f"nothing to resume. Its results are in {cfg.run_dir}; to train again use a new run_dir"]
+    return [f"run_dir={cfg.run_dir}: checkpoint step {step} was written by {saved_world} ranks, this job has "
+            f"{world_size}; resume with {saved_world} ranks (ZeRO-3 partitions, data positions and RNG states "
+            "are per rank)"]
 
 
 def total_steps(cfg: TrainConfig, world_size: int) -> int:
