@@ -66,10 +66,27 @@ class ShardSet:
         return sum(self.sizes)
 
 
+def manifest_of(entry: DatasetConfig) -> str:
+    """Where the set's manifest.parquet is."""
+    return entry.manifest or _default_manifest(entry.shards.strip())
+
+
+def read_manifest(manifest: str, columns: list[str], timeout_s: float = READ_TIMEOUT_S):
+    """The manifest's `columns` as a pyarrow table (local, fsspec URL or pipe: command)."""
+    if not is_remote(manifest) and not Path(manifest.removeprefix("file://")).is_file():
+        raise FileNotFoundError(f"{manifest}: missing; shards need the manifest the join writes "
+                                "(run the retrieval_join stage first)")
+    data = _read_all(manifest, timeout_s)
+    try:
+        return pq.read_table(io.BytesIO(data), columns=columns)
+    except (OSError, KeyError, ValueError) as err:  # not parquet, a column missing
+        raise ShardReadError(f"{manifest}: could not read the manifest ({err})") from None
+
+
 def resolve(entry: DatasetConfig, timeout_s: float = READ_TIMEOUT_S) -> ShardSet:
     """The set's shards and sizes from its manifest; a clear error naming what is missing."""
     spec = entry.shards.strip()
-    manifest = entry.manifest or _default_manifest(spec)
+    manifest = manifest_of(entry)
     sizes = manifest_sizes(manifest, timeout_s)
     if _is_list(spec):
         urls = _expand(spec)
@@ -87,16 +104,8 @@ def resolve(entry: DatasetConfig, timeout_s: float = READ_TIMEOUT_S) -> ShardSet
 
 def manifest_sizes(manifest: str, timeout_s: float = READ_TIMEOUT_S) -> dict[str, int]:
     """Samples per shard name, counted from the manifest's rows."""
-    if not is_remote(manifest) and not Path(manifest.removeprefix("file://")).is_file():
-        raise FileNotFoundError(f"{manifest}: missing; shards need the manifest the join writes "
-                                "(run the retrieval_join stage first)")
-    data = _read_all(manifest, timeout_s)
-    try:
-        table = pq.read_table(io.BytesIO(data), columns=["shard"])
-    except (OSError, KeyError) as err:  # not parquet, no shard column
-        raise ShardReadError(f"{manifest}: could not read the manifest ({err})") from None
     sizes: dict[str, int] = {}
-    for shard in table.column("shard").to_pylist():
+    for shard in read_manifest(manifest, ["shard"], timeout_s).column("shard").to_pylist():
         name = posixpath.basename(shard)
         sizes[name] = sizes.get(name, 0) + 1
     return sizes

@@ -25,15 +25,15 @@ def run_training_stage(stage: str, argv: list[str] | None = None) -> None:
 
     # The DeepSpeed launcher appends --local_rank=N; the rank comes from the environment instead.
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
-    argv, dry_run_world = _dry_run_flags(argv)
-    cfg = parse_args(TrainConfig, argv, usage="[--dry-run [--world-size N]]")
+    argv, dry_run_world, gpu = _dry_run_flags(argv)
+    cfg = parse_args(TrainConfig, argv, usage="[--dry-run [--world-size N] [--gpu NAME]]")
     if cfg.stage != stage:
         raise SystemExit(f"config has stage '{cfg.stage}', but this entry point runs '{stage}'")
     from pipeline.train.dry_run import dry_run, preflight
 
     # every rank checks alike (same files); rank 0 says what is wrong, in one line per problem
     world = dry_run_world if dry_run_world is not None else int(os.environ["WORLD_SIZE"])
-    problems = dry_run(cfg, world) if dry_run_world is not None else preflight(cfg, world)
+    problems = dry_run(cfg, world, gpu) if dry_run_world is not None else preflight(cfg, world)
     if problems:
         if dry_run_world is not None or os.environ["RANK"] == "0":
             for problem in problems:
@@ -45,21 +45,27 @@ def run_training_stage(stage: str, argv: list[str] | None = None) -> None:
     main(cfg, preemption)
 
 
-def _dry_run_flags(argv: list[str]) -> tuple[list[str], int | None]:
-    """(the other arguments, the world size to check for or None without --dry-run).
-    `--world-size N` defaults to this process's WORLD_SIZE (1 for a plain python -m)."""
+def _dry_run_flags(argv: list[str]) -> tuple[list[str], int | None, str | None]:
+    """(the other arguments, the world size to check for or None without --dry-run, the GPU to plan
+    memory for). `--world-size N` defaults to this process's WORLD_SIZE (1 for a plain python -m)."""
     if "--dry-run" not in argv:
-        return argv, None
+        return argv, None, None
     argv = [a for a in argv if a != "--dry-run"]
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if "--world-size" in argv:
-        at = argv.index("--world-size")
+    values = {}
+    for flag, example in (("--world-size", "16"), ("--gpu", "h100-80gb")):
+        if flag in argv:
+            at = argv.index(flag)
+            if at + 1 >= len(argv):
+                raise SystemExit(f"{flag} needs a value, e.g. {flag} {example}")
+            values[flag] = argv[at + 1]
+            del argv[at:at + 2]
+    if "--world-size" in values:
         try:
-            world = int(argv[at + 1])
-        except (IndexError, ValueError):
+            world = int(values["--world-size"])
+        except ValueError:
             raise SystemExit("--world-size needs the number of ranks to check for, e.g. --world-size 16") from None
-        del argv[at:at + 2]
-    return argv, world
+    return argv, world, values.get("--gpu")
 
 
 def run_from_launch_script(stage: str, default_config: str) -> None:

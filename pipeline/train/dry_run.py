@@ -34,8 +34,9 @@ def preflight(cfg: TrainConfig, world_size: int) -> list[str]:
     return problems
 
 
-def dry_run(cfg: TrainConfig, world_size: int) -> list[str]:
-    """The preflight, and what the run would be when it passes (printed)."""
+def dry_run(cfg: TrainConfig, world_size: int, gpu: str | None = None) -> list[str]:
+    """The preflight, and what the run would be when it passes (printed): with `gpu` (or a CUDA
+    config) also the memory plan per GPU (pipeline/train/memory.py), with a warning when it does not fit."""
     problems = preflight(cfg, world_size)
     if not problems:
         from pipeline.model.assemble import load_tokenizer
@@ -52,7 +53,24 @@ def dry_run(cfg: TrainConfig, world_size: int) -> list[str]:
         print(f"[dry-run] {cfg.stage}: {total_steps(cfg, world_size)} optimizer steps on {world_size} rank(s) "
               f"(batch {cfg.loader.batch_size} × accum {cfg.optim.grad_accum} per rank); run folder "
               f"{cfg.run_dir}", flush=True)
+        if gpu is not None or cfg.device == "cuda":
+            _print_memory_plan(cfg, world_size, gpu or "h100-80gb")
     return problems
+
+
+def _print_memory_plan(cfg: TrainConfig, world_size: int, gpu: str) -> None:
+    from pipeline.train.memory import GPUS, plan
+
+    if gpu not in GPUS:
+        print(f"[dry-run] memory plan: unknown --gpu {gpu}; one of {', '.join(sorted(GPUS))}", flush=True)
+        return
+    result = plan(cfg, world_size, gpu)
+    for line in result.text(gpu).splitlines():
+        print(f"[dry-run] memory {line}", flush=True)
+    if not result.fits():
+        print(f"[dry-run] warning: the estimated peak ({result.totals[0] / 2**30:.0f} GiB per GPU) exceeds {gpu}: "
+              "turn on model.gradient_checkpointing, lower loader.batch_size (raise optim.grad_accum), "
+              "or offload the optimizer (configs/deepspeed/zero3_offload.json)", flush=True)
 
 
 def _model_folders(cfg: TrainConfig, world_size: int) -> list[str]:
