@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.data.batch import collate
+from pipeline.data.batch import Encoded, collate
 from pipeline.model.assemble import ModelConfig, apply_freeze, build_llava
 from pipeline.train.flops import StepFlops, peak_flops_per_device, peak_tflops_of
 from pipeline.train.metrics import StepMeter
@@ -56,7 +56,7 @@ def test_step_flops_count_weights_attention_and_the_frozen_parts_by_hand():
 def test_meter_reports_tflops_and_mfu_against_the_given_peak(assembled):
     text = type("T", (), {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "image_span": None,
                           "retrieved_span": None, "caption_input_ids": [], "caption_span": None})()
-    sample = type("E", (), {"key": "k", "text": text, "pixel_values": None})()
+    sample = Encoded("k", text, pixel_values=None)
     meter = StepMeter(StepFlops.of(assembled.model), peak_flops=1e9)
     for packed in (False, True):
         meter.micro(collate([sample, sample], pad_id=0, packed=packed), {})
@@ -72,10 +72,15 @@ def test_peak_is_the_override_or_unknown_off_cuda():
     assert peak_flops_per_device(torch.device("cpu"), override_tflops=100.0) == 1e14
 
 
+# Names as torch.cuda.get_device_name reports them; dense bf16 of the vendor data sheets.
 @pytest.mark.parametrize("name, tflops", [
     ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
-    ("NVIDIA H200", 989.0), ("NVIDIA H800", 989.0), ("NVIDIA H800 PCIe", 756.0),
-    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A800-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.0),
-    ("Tesla V100-SXM2-32GB", None)])
+    ("NVIDIA H800", 989.0), ("NVIDIA H800 PCIe", 756.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA GH200 480GB", 989.0), ("NVIDIA H20", 148.0),
+    ("NVIDIA A100-SXM4-40GB", 312.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100-PCIE-40GB", 312.0),
+    ("NVIDIA A100 80GB PCIe", 312.0), ("NVIDIA A800-SXM4-80GB", 312.0), ("NVIDIA A800 80GB PCIe", 312.0),
+    ("NVIDIA B200", 2250.0), ("NVIDIA GB200", 2500.0),
+    ("NVIDIA L40S", 362.0), ("NVIDIA L40", 181.0), ("NVIDIA L4", 121.0), ("NVIDIA A10", 125.0),
+    ("NVIDIA A10G", None), ("Tesla V100-SXM2-32GB", None), ("NVIDIA GeForce RTX 4090", None)])
 def test_peak_tflops_match_the_specific_part_before_its_family(name, tflops):
     assert peak_tflops_of(name) == tflops

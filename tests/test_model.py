@@ -174,6 +174,46 @@ def test_text_only_batch_still_runs_the_vision_tower_for_zero3(assembled, stage1
                for p in model.model.multi_modal_projector.parameters()), "dummy image must add zero gradient"
 
 
+@pytest.fixture(scope="module")
+def checkpointed(tiny_world, assembled):
+    """The fixture's weights with `model.gradient_checkpointing: true`, in train mode (as the loop runs it)."""
+    other = build_llava(ModelConfig(llm=tiny_world.llm, vision_tower=tiny_world.clip, gradient_checkpointing=True))
+    other.model.load_state_dict(assembled.model.state_dict())
+    return other.model.train()
+
+
+@pytest.mark.parametrize("trainable", [["projector"], ["projector", "llm"]], ids=["stage1", "stage2"])
+def test_checkpointing_recomputes_the_decoder_only_and_changes_no_loss_or_gradient(
+        assembled, checkpointed, batch, trainable):
+    on = {type(m).__name__ for m in checkpointed.modules() if getattr(m, "gradient_checkpointing", False)}
+    assert "LlamaDecoderLayer" in on and not any(name.startswith("CLIP") for name in on), on
+    tower_needs_grad, layer_calls = [], []
+    hooks = [checkpointed.model.vision_tower.register_forward_hook(
+                 lambda module, args, out: tower_needs_grad.append(out.last_hidden_state.requires_grad)),
+             # a sub-module's pre-hook: transformers checkpoints the layer's forward, not its __call__
+             # with hooks, and the recompute stops early, after the last tensor the backward needs
+             checkpointed.model.language_model.layers[0].mlp.register_forward_pre_hook(
+                 lambda *args: layer_calls.append(1))]
+    cfg = TGAConfig(layers=LAYERS)
+    try:
+        apply_freeze(assembled.model, trainable)
+        apply_freeze(checkpointed, trainable)
+        loss, parts, grads = projector_grads(assembled.model, batch, cfg)
+        gc_loss, gc_parts, gc_grads = projector_grads(checkpointed, batch, cfg)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        apply_freeze(assembled.model, ["projector"])
+    # multimodal forward, no-grad caption forward, and the recompute in the backward
+    assert len(layer_calls) == 3, "decoder layer 0 was not recomputed: checkpointing is off"
+    assert tower_needs_grad == [False], "the frozen tower must stay out of the autograd graph"
+    assert gc_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert gc_parts["align"].item() == pytest.approx(parts["align"].item(), rel=1e-6)
+    assert set(gc_grads) == set(grads) and any(n.startswith("model.multi_modal_projector.") for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(gc_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.fixture()
 def flash_attn_package(tmp_path, monkeypatch):
     """Put a `flash_attn` package on the path, either importable or broken the way a wheel built for

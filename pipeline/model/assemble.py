@@ -131,9 +131,26 @@ def build_llava(cfg: ModelConfig, device_type: str = "cpu") -> AssembledModel:
         load_projector(model, cfg.projector)
     model.config._attn_implementation = attn
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_decoder_layers(model)
     processor = CLIPImageProcessor.from_pretrained(cfg.vision_tower)
     return AssembledModel(model, tokenizer, processor, config.image_seq_length)
+
+
+def checkpoint_decoder_layers(model: LlavaForConditionalGeneration) -> None:
+    """Recompute the LLM's decoder layers in the backward instead of keeping their activations.
+
+    On the LLM only: enabled on the whole Llava, transformers also checkpoints the CLIP encoder and
+    hooks the tower's patch embedding to make its output require grad (enable_input_require_grads
+    on every sub-model with input embeddings), so the frozen tower would be recomputed and
+    backpropagated (~1 TFLOP per 336-px image for ViT-L/14). Non-reentrant: with a frozen LLM
+    (stage 1) the gradient still reaches the projector through the checkpointed layers.
+    """
+    llm = model.model.language_model
+    kwargs = {"use_reentrant": False}
+    if hasattr(llm, "activation_checkpointing_enable"):  # newer transformers; the other is its deprecated alias
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def apply_freeze(model: LlavaForConditionalGeneration, trainable: list[str], lora: bool = False) -> list[str]:

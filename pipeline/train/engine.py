@@ -1,26 +1,70 @@
-"""DeepSpeed set-up: distributed init, the resolved DeepSpeed config, optimizer, LR schedule.
+"""DeepSpeed set-up: the device, distributed init, the resolved DeepSpeed config, optimizer, LR schedule.
 
 The JSON in configs/deepspeed/ says *how* to shard; values marked "auto" are filled from the stage
-config here, so batch size, clipping and precision have one source of truth.
+config here, so batch size, clipping and precision have one source of truth, and the ZeRO-3 bucket
+sizes from the LLM's hidden size as transformers' DeepSpeed integration fills them, so a LLaVA
+`zero3.json` behaves as under LLaVA's scripts.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import deepspeed
 import torch
+from transformers import AutoConfig
 from transformers.integrations import HfDeepSpeedConfig
 
 from pipeline.train.config import TrainConfig
 
+# transformers' trainer_config_finalize (integrations/deepspeed.py): h², 0.9·h² and 10·h for the
+# LLM's hidden size h (the Llava config has none of its own; HF then takes text_config's).
+_BUCKET_SIZES = {
+    "reduce_bucket_size": lambda h: h * h,
+    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+}
+
 
 def device_type(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
+    """"cuda" or "cpu" for the config's `device`. A GPU node must never train on CPU by accident
+    (a CPU torch installed from a login node, a CUDA build newer than the driver: torch then sees no
+    GPU and `auto` would run gloo/fp32 without a word), so `auto` stops with one line when the
+    driver lists GPUs that torch cannot use, and `cuda` when torch sees none."""
+    if requested == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    listed = gpus_listed_by_driver()
+    build = f"torch {torch.__version__} ({f'CUDA {torch.version.cuda}' if torch.version.cuda else 'a CPU build'})"
+    if requested == "cuda":
+        seen = f" although `nvidia-smi -L` lists {listed}" if listed else ""
+        raise SystemExit(f"device: cuda, but {build} sees no GPU{seen}: run on a GPU node with the torch "
+                         "build for its driver, or set device: cpu")
+    if listed:
+        raise SystemExit(f"device: auto, but {build} sees none of the {listed} GPU(s) `nvidia-smi -L` lists: "
+                         "install the torch build for this node's driver, or set device: cpu to train on CPU "
+                         "on purpose")
+    return "cpu"
+
+
+def gpus_listed_by_driver() -> int:
+    """GPUs `nvidia-smi -L` lists (one "GPU i: name (UUID: …)" line each); 0 without nvidia-smi or
+    when it cannot reach a driver."""
+    executable = shutil.which("nvidia-smi")
+    if executable is None:
+        return 0
+    try:
+        listing = subprocess.run([executable, "-L"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    if listing.returncode != 0:
+        return 0
+    return sum(line.startswith("GPU ") for line in listing.stdout.splitlines())
 
 
 def init_distributed(dev: str) -> tuple[int, int, int]:
@@ -78,12 +122,46 @@ def deepspeed_config(cfg: TrainConfig, dev: str) -> dict:
     bf16 = ds.setdefault("bf16", {})
     if bf16.get("enabled", "auto") == "auto":
         bf16["enabled"] = dev == "cuda" and cfg.model.dtype in ("auto", "bf16")
-    zero = ds.setdefault("zero_optimization", {})
-    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
-        if zero.get(key) == "auto":
-            zero.pop(key)  # DeepSpeed's defaults; HfDeepSpeedConfig would need the hidden size
+    if ds.get("fp16", {}).get("enabled") == "auto":  # LLaVA's JSON files have it; model.dtype has no fp16
+        ds["fp16"]["enabled"] = False
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ValueError(f"{cfg.deepspeed_config}: remove the '{section}' section: optimizer and LR schedule "
+                             "come from the stage config's optim section (with offload: DeepSpeed's CPU Adam)")
+    _fill_bucket_sizes(ds.setdefault("zero_optimization", {}), cfg)
     ds.pop("train_batch_size", None)
     return ds
+
+
+def _fill_bucket_sizes(zero: dict, cfg: TrainConfig) -> None:
+    """The "auto" bucket sizes from the LLM's hidden size. The stage-3 ones mean nothing below
+    stage 3 (transformers leaves them unfilled there): dropped."""
+    for key in [k for k in _BUCKET_SIZES if k.startswith("stage3_") and zero.get("stage") != 3]:
+        if zero.get(key) == "auto":
+            zero.pop(key)
+    auto = [key for key in _BUCKET_SIZES if zero.get(key) == "auto"]
+    if auto:
+        hidden = llm_hidden_size(cfg)
+        for key in auto:
+            zero[key] = _BUCKET_SIZES[key](hidden)
+
+
+def llm_hidden_size(cfg: TrainConfig) -> int:
+    """The LLM's hidden size, looked up as transformers' DeepSpeed integration does (hidden_size,
+    the largest of hidden_sizes, or the same in text_config)."""
+    try:
+        config = AutoConfig.from_pretrained(cfg.model.llm)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"the \"auto\" bucket sizes of {cfg.deepspeed_config} need the LLM's hidden size, "
+                         f"but model.llm={cfg.model.llm} has no readable config "
+                         f"({(str(err).strip() or type(err).__name__).splitlines()[0]})") from None
+    for candidate in (config, getattr(config, "text_config", None)):
+        if hasattr(candidate, "hidden_size"):
+            return candidate.hidden_size
+        if hasattr(candidate, "hidden_sizes"):
+            return max(candidate.hidden_sizes)
+    raise ValueError(f"model.llm={cfg.model.llm}: its config has no hidden_size for the \"auto\" bucket sizes "
+                     f"of {cfg.deepspeed_config}; give them as integers there")
 
 
 def zero3_context(ds: dict) -> HfDeepSpeedConfig | None:
@@ -106,10 +184,26 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
     return factor
 
 
+def optimizer_offloaded(ds: dict) -> bool:
+    """Does ZeRO keep the optimizer states (and run the step) on the host?"""
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") in ("cpu", "nvme")
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, ds: dict, dev: str) -> torch.optim.Optimizer:
+    """AdamW, as DeepSpeed's CPU Adam when the optimizer is offloaded: the step then runs on the
+    host's fp32 partitions, and DeepSpeed refuses a torch optimizer there (ZeRORuntimeException).
+    CPU Adam is a C++ op built on first use (cached under TORCH_EXTENSIONS_DIR)."""
+    betas, lr, decay = tuple(cfg.optim.betas), cfg.optim.lr, cfg.optim.weight_decay
+    if optimizer_offloaded(ds):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, betas=betas, weight_decay=decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=decay, fused=dev == "cuda")
+
+
 def initialize(model: torch.nn.Module, cfg: TrainConfig, ds: dict, total_steps: int, dev: str):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  weight_decay=cfg.optim.weight_decay, fused=dev == "cuda")
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg, ds, dev)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, cfg.optim.warmup_ratio, cfg.optim.schedule))
     engine, optimizer, _, scheduler = deepspeed.initialize(

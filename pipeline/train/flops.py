@@ -11,15 +11,24 @@ not counted either (MFU, not HFU). The TGA text forward is a no-grad forward ove
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
-# Dense bf16 peak per device (no sparsity), by a part of the name torch reports ("NVIDIA H100 PCIe",
-# "NVIDIA A800-SXM4-80GB"); the first match wins, so the specific parts come before the family.
-_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H800 PCIe", 756.0), ("H200", 989.0),
-                ("H100", 989.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
-                ("A10", 125.0))
+# Dense bf16 tensor-core TFLOP/s per device, from the vendor data sheets (their headline numbers
+# are with 2:4 sparsity: twice these). A key matches the name torch reports ("NVIDIA H100 PCIe",
+# "NVIDIA A100-SXM4-80GB", "NVIDIA GH200 480GB") when each of its words is a whole word of the name,
+# so "H200" is not "GH200", "A10" not "A10G" or "A100", "H20" not "H200"; the first match wins, so a
+# specific part comes before its family.
+_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),   # H100 SXM: "NVIDIA H100 80GB HBM3"
+    ("H800 PCIe", 756.0), ("H800", 989.0),
+    ("H200 NVL", 835.0), ("H200", 989.0), ("GH200", 989.0), ("H20", 148.0),
+    ("A100", 312.0), ("A800", 312.0),                              # SXM4 and PCIe, 40 and 80 GB
+    ("B200", 2250.0), ("GB200", 2500.0),
+    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10", 125.0),
+)
 
 
 @dataclass(frozen=True)
@@ -87,4 +96,5 @@ def peak_flops_per_device(device: torch.device, override_tflops: float | None = 
 
 def peak_tflops_of(device_name: str) -> float | None:
     """Dense bf16 TFLOP/s of a CUDA device by its name; None for a device not in the table."""
-    return next((tflops for key, tflops in _PEAK_TFLOPS if key in device_name), None)
+    words = {word.lower() for word in re.split(r"[^A-Za-z0-9]+", device_name)}
+    return next((tflops for key, tflops in _PEAK_TFLOPS if set(key.lower().split()) <= words), None)
