@@ -128,6 +128,12 @@ ifeq ($(HAS_CUDA),1)
 	       "sets the parallel jobs). Or give a prebuilt wheel: make env FLASH_ATTN_WHEEL=<file or URL>." >&2; exit 1; }
 endif
 	$(MAIN_ENV)/bin/pip install -q --no-deps clip-anytorch==2.6.0
+ifeq ($(HAS_CUDA),0)
+	# DeepSpeed's CPU ops (the gloo shared-memory all-reduce, CPU Adam for optimizer offload), which it
+	# would otherwise JIT-build inside the first training run: minutes on 2 cores, once per environment.
+	DS_ACCELERATOR=cpu $(MAIN_ENV)/bin/python -c "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, \
+	  ShareMemCommBuilder; ShareMemCommBuilder().load(); CPUAdamBuilder().load()" >/dev/null
+endif
 	touch $@
 
 $(RETRIEVAL_ENV)/.ready:
