@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import torch
 from pipeline.config import ConfigError, load_config
 from pipeline.train.checkpoint import (
     COMPLETE, CheckpointConfig, CheckpointError, Checkpointer, export_full_state_dict,
-    latest_complete_step, read_marker, retained_steps, saved_steps,
+    latest_complete_step, read_marker, retained_steps, saved_steps, trained_weights,
 )
 from pipeline.train.rng import capture_rng_state, restore_rng_state
 from tests.ds_toy import N_SAMPLES, toy_scenarios
@@ -99,8 +100,18 @@ def test_empty_folder_starts_fresh(tmp_path):
 
 def test_export_refuses_an_incomplete_checkpoint(tmp_path):
     make_checkpoint(tmp_path, 3, complete=False)
-    with pytest.raises(CheckpointError, match="global_step3: not a complete checkpoint"):
-        export_full_state_dict(tmp_path, 3)
+    for consolidate in (export_full_state_dict, trained_weights):
+        with pytest.raises(CheckpointError, match="global_step3: not a complete checkpoint"):
+            consolidate(tmp_path, 3)
+
+
+def test_frozen_parameters_are_left_out_of_the_checkpoint_whenever_the_model_has_any(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    assert not Checkpointer(tmp_path, CheckpointConfig(), SimpleNamespace(module=model)).trainable_only
+    model[0].requires_grad_(False)  # a frozen tower
+    assert Checkpointer(tmp_path, CheckpointConfig(), SimpleNamespace(module=model)).trainable_only
+    forced = Checkpointer(tmp_path, CheckpointConfig(), SimpleNamespace(module=model), trainable_only=False)
+    assert not forced.trainable_only
 
 
 def draws() -> tuple:

@@ -125,7 +125,9 @@ def test_lora_stage2_resumes_exactly_and_exports_a_merged_model_and_a_peft_adapt
 
     merged, adapter = tmp_path / "merged", tmp_path / "adapter"
     for out, fmt in ((merged, "hf"), (adapter, "lora")):  # the CLI, in this process
-        export_main(["--checkpoint", str(reference / "checkpoints"), "--out", str(out), "--format", fmt])
+        # fp32: the merged weights equal base + adapters only before rounding (bf16 is the default)
+        export_main(["--checkpoint", str(reference / "checkpoints"), "--out", str(out), "--format", fmt,
+                     "--dtype", "fp32"])
     weights = load_file(merged / "model.safetensors")
     assert not any("lora" in name or "base_layer" in name for name in weights)
     # the merged folder is a plain transformers model: it loads with peft unavailable

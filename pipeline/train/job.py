@@ -69,10 +69,10 @@ def build_job(cfg: TrainConfig) -> Job:
     engine, _, _ = ds_engine.initialize(assembled.model, cfg, ds_config, total_steps, dev)
     state = TrainState()
     datasets = DatasetCounts([d.label for d in cfg.datasets])
-    # LoRA: the frozen LLM is rebuilt from its folder on resume; the checkpoint holds what trains
+    # the frozen towers are rebuilt from their folders on resume; the checkpoint holds what trains
     checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint, engine, global_state={"train_state": state},
                                 rank_state={"loader": loader, "rng": RNGState(), "datasets": datasets},
-                                trainable_only=cfg.lora is not None)
+                                trainable_only=True)
     resumed = checkpointer.load() is not None
     if resumed:
         log.info("rank %d resumed at step %d (epoch %d)", rank, state.step, state.epoch)
