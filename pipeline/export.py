@@ -17,8 +17,8 @@ run's config names, as on a resume.
   safetensors + config, the tokenizer with the training chat template, and a `LlavaProcessor`
   whose image preprocessing and `<image>` expansion are the ones training used. The model paths
   and the template come from the run's resolved config (`RUN_DIR/config.yaml`, written by the loop).
-  A LoRA run's adapters are merged in (no peft needed to load it). Weights in bf16 by default
-  (`--dtype`), a README.md model card (pipeline/model_card.py) and `tga_training.json` beside them.
+  A LoRA run's adapters are merged in (no peft needed to load it). Weights in the dtype the run
+  trained in by default (bf16 on GPUs, fp32 on CPU; `--dtype`), a README.md model card (pipeline/model_card.py) and `tga_training.json` beside them.
 - `lora` (LoRA runs): OUT is the adapter in peft's format (adapter_config.json,
   adapter_model.safetensors) and OUT/base the `hf` folder of the un-adapted model it applies to.
 
@@ -64,7 +64,7 @@ TRAINING_INFO = "tga_training.json"  # in an hf export: prompt, TGA layers and M
 _SKELETON_OVERRIDES = ["model.projector=null", "model.attn_implementation=sdpa",
                        "model.gradient_checkpointing=false"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DEFAULT_DTYPE = "bf16"  # what LLaVA-class models compute in on GPUs, and what the hf format ships
+DEFAULT_DTYPE = "bf16"  # when the run does not say: what LLaVA-class models compute in on GPUs
 _SKELETON_DTYPE = {"bf16": "bf16", "fp16": "fp32", "fp32": "fp32"}
 _MAX_LISTED_KEYS = 20
 
@@ -126,9 +126,23 @@ def run_config(ckpt_dir: str | Path, config: str | Path | None = None,
                           "(e.g. model.llm=<the LLM folder>)") from None
 
 
+def training_dtype(ckpt_dir: str | Path) -> str:
+    """The dtype the run computed in, from the DeepSpeed config it trained with (bf16 on GPUs by
+    default, fp32 on CPU); DEFAULT_DTYPE when that file is gone."""
+    path = RunFolder.of_checkpoints(ckpt_dir).deepspeed_config
+    try:
+        ds = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return DEFAULT_DTYPE
+    for name in ("bf16", "fp16"):
+        if (ds.get(name) or {}).get("enabled") is True:
+            return name
+    return "fp32"
+
+
 def export_hf(ckpt_dir: str | Path, out: str | Path, step: int | None = None,
               config: str | Path | None = None, overrides: list[str] = (), adapter: bool = False,
-              dtype: str = DEFAULT_DTYPE) -> Path:
+              dtype: str | None = None) -> Path:
     """A transformers Llava folder (model in `dtype`, tokenizer, chat template, processor, model card)
     from checkpoint `step`.
 
@@ -137,6 +151,7 @@ def export_hf(ckpt_dir: str | Path, out: str | Path, step: int | None = None,
     Llava it applies to: `PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(
     OUT/base), OUT)`.
     """
+    dtype = dtype or training_dtype(ckpt_dir)
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     _refuse_existing(Path(out))
@@ -343,10 +358,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="hf: a transformers Llava folder (LoRA merged in); lora: a LoRA run's adapter "
                         "in peft's format, with the base Llava in OUT/base")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
-                        help=f"hf, lora: dtype of the written weights (default: {DEFAULT_DTYPE}, what the run "
-                        "computes in on GPUs and half the size of fp32, also for runs that trained in fp32 on CPU; "
-                        "fp32: the optimizer's master weights unchanged). The projector format always writes "
-                        "the fp32 masters")
+                        help="hf, lora: dtype of the written weights (default: the one the run trained in, "
+                        "from its deepspeed.json: bf16 for GPU runs, fp32 for CPU runs; fp32: the optimizer's "
+                        "master weights unchanged). The projector format always writes the fp32 masters")
     parser.add_argument("--config", type=Path, default=None,
                         help="the run's resolved config (default: config.yaml next to --checkpoint)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
@@ -360,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
             written = export_projector(args.checkpoint, args.out, args.step)
         else:
             written = export_hf(args.checkpoint, args.out, args.step, args.config, args.overrides,
-                                adapter=args.format == "lora", dtype=args.dtype or DEFAULT_DTYPE)
+                                adapter=args.format == "lora", dtype=args.dtype)
     except (ExportError, CheckpointError) as err:
         raise SystemExit(f"export error: {err}") from None
     print(f"exported {written}", flush=True)

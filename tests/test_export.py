@@ -1,5 +1,5 @@
 """Export of a real stage-1 ZeRO-3 checkpoint: the projector file and a transformers Llava folder
-that plain transformers loads, preprocesses like training and generates with (in bf16 by default,
+that plain transformers loads, preprocesses like training and generates with (in the training dtype by default,
 with the trained weights from the checkpoint, the frozen ones from the base folders, and a model card)."""
 from __future__ import annotations
 
@@ -49,14 +49,14 @@ def run_dir(tiny_world, tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_dir(run_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("export_hf") / "llava"
-    main(["--checkpoint", str(run_dir / "checkpoints"), "--out", str(out), "--format", "hf"])
+    main(["--checkpoint", str(run_dir / "checkpoints"), "--out", str(out), "--format", "hf", "--dtype", "bf16"])
     return out
 
 
 @pytest.fixture(scope="module")
 def fp32_dir(run_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("export_fp32") / "llava"
-    main(["--checkpoint", str(run_dir / "checkpoints"), "--out", str(out), "--dtype", "fp32"])
+    main(["--checkpoint", str(run_dir / "checkpoints"), "--out", str(out)])  # a CPU run: fp32 by default
     return out
 
 
@@ -134,7 +134,17 @@ def test_hf_export_holds_the_trained_weights_of_the_checkpoint_and_the_frozen_on
             assert torch.equal(tensor, theirs[name]), name
 
 
-def test_hf_export_is_bf16_by_default_and_equals_the_fp32_export_cast(hf_dir, fp32_dir, exported):
+def test_the_default_dtype_is_the_runs_and_bf16_equals_the_fp32_export_cast(run_dir, hf_dir, fp32_dir, exported):
+    from pipeline.export import training_dtype
+
+    ds = json.loads((run_dir / "deepspeed.json").read_text())
+    assert ds["bf16"]["enabled"] is False and training_dtype(run_dir / "checkpoints") == "fp32"
+    gpu_run = dict(ds, bf16={"enabled": True})
+    (run_dir / "deepspeed.json").write_text(json.dumps(gpu_run))
+    try:
+        assert training_dtype(run_dir / "checkpoints") == "bf16"
+    finally:
+        (run_dir / "deepspeed.json").write_text(json.dumps(ds))
     model, processor = exported
     assert type(model) is LlavaForConditionalGeneration and type(processor) is LlavaProcessor
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
