@@ -9,7 +9,9 @@ import logging
 import os
 import posixpath
 import re
+import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -22,8 +24,11 @@ log = logging.getLogger(__name__)
 PARAM_VALUE_MAX_CHARS = 500
 _KEY_CHARS = re.compile(r"^[\w./\- ]+$")  # MLflow's allowed name characters (colon left out: Windows)
 _KEY_MAX_CHARS = 250
+# MLflow's limits per log_batch call
+MAX_PARAMS_PER_BATCH = 100  # params, and tags
+MAX_METRICS_PER_BATCH = 1000
 # A tool logs a handful of rows once, after its results are written: it can wait longer than a training step.
-_TOOL_REQUEST_TIMEOUT_SECONDS = 10
+TOOL_REQUEST_TIMEOUT_SECONDS = 10
 
 _T = TypeVar("_T")
 
@@ -39,6 +44,36 @@ def artifact_location(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
     return None
+
+
+def relocate_store(uri: str) -> int:
+    """Re-root a local sqlite store's artifact paths at its own folder: MLflow records them
+    absolute (`file:///<folder>/mlartifacts/...`), so a run folder copied or moved (scratch →
+    project storage) would otherwise keep writing artifacts into its old place. Paths into another
+    folder's `mlartifacts` become the same paths under this one's; anything else (a server, an
+    artifact store elsewhere) is left alone. Returns the rows changed; run before MLflow opens the store."""
+    if not uri.startswith("sqlite:///"):
+        return 0
+    database = Path(uri.removeprefix("sqlite:///"))
+    if not database.is_file():
+        return 0
+    here = artifact_location(uri)
+    changed = 0
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+            try:
+                values = [row[0] for row in db.execute(f"SELECT DISTINCT {column} FROM {table}")]
+            except sqlite3.OperationalError:  # not an MLflow store (yet)
+                return changed
+            for value in values:
+                old_root, found, rest = (value or "").partition("/mlartifacts")
+                if found and value.startswith("file://") and old_root + found != here:
+                    changed += db.execute(f"UPDATE {table} SET {column} = ? WHERE {column} = ?",
+                                          (here + rest, value)).rowcount
+        db.commit()
+    if changed:
+        log.info("%s: artifact paths of %d experiment/run rows moved under %s", database, changed, here)
+    return changed
 
 
 def git_commit(path: str | Path | None = None) -> str:
@@ -83,22 +118,55 @@ def param_strings(params: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+_HTTP_KNOBS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+_bounds_lock = threading.Lock()
+_bounds_in_flight: list[int] = []  # the timeout of every bounded block now running, in any thread
+_bounds_saved: dict[str, str | None] = {}
+
+
 @contextlib.contextmanager
 def bounded_http(timeout_seconds: int) -> Iterator[None]:
     """MLflow's HTTP defaults (7 retries with exponential backoff, 120 s timeout) make one call to a
-    dead server block for minutes: right for a notebook, wrong inside a training step that 64 GPUs
-    wait on. MLflow reads these knobs from the environment at every request, so they are set only
-    around our own calls and restored after: the rest of the process keeps MLflow's defaults. The
-    tracker's retry is its metric buffer re-sent later, not a blocking loop."""
-    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_seconds)}
-    saved = {name: os.environ.get(name) for name in wanted}
-    os.environ.update(wanted)
+    dead server block for minutes: right for a notebook, wrong for a tracker whose queue waits behind
+    it. MLflow reads these knobs from the environment at every request, so they are set only around
+    our own calls and restored after: the rest of the process keeps MLflow's defaults. The environment
+    is process-wide and the tracker calls from its own thread, so blocks may overlap: the first one in
+    saves MLflow's values, the last one out restores them, and the longest timeout asked for holds
+    meanwhile. The tracker's retry is its queue re-sent later, not a blocking loop."""
+    with _bounds_lock:
+        if not _bounds_in_flight:
+            _bounds_saved.update({name: os.environ.get(name) for name in _HTTP_KNOBS})
+        _bounds_in_flight.append(timeout_seconds)
+        _set_bounds(max(_bounds_in_flight))
     try:
         yield
     finally:
-        os.environ.update({k: v for k, v in saved.items() if v is not None})
-        for name in (k for k, v in saved.items() if v is None):
-            os.environ.pop(name, None)
+        with _bounds_lock:
+            _bounds_in_flight.remove(timeout_seconds)
+            if _bounds_in_flight:
+                _set_bounds(max(_bounds_in_flight))
+            else:
+                for name, value in _bounds_saved.items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
+
+
+def _set_bounds(timeout_seconds: int) -> None:
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(timeout_seconds)
+
+
+def error_line(err: Exception, max_chars: int = 300) -> str:
+    """`Type: message` on one line, at most `max_chars`: a refused connection's MLflow error carries
+    urllib3's whole retry history, with the URL first and the cause ("Connection refused") last, so
+    the middle is what is cut."""
+    text = f"{type(err).__name__}: {' '.join(str(err).split())}"
+    if len(text) <= max_chars:
+        return text
+    half = (max_chars - 5) // 2
+    return f"{text[:half]} ... {text[-half:]}"
 
 
 def error_code(err: Exception) -> str | None:
@@ -133,9 +201,10 @@ def send_or_warn(tracking_uri: str, what: str, send: Callable[[Any], _T]) -> _T 
     and None, never an error that would hide the results.
     """
     try:
-        with bounded_http(_TOOL_REQUEST_TIMEOUT_SECONDS):
+        with bounded_http(TOOL_REQUEST_TIMEOUT_SECONDS):
             from mlflow import MlflowClient  # slow to import: only when something is logged
 
+            relocate_store(tracking_uri)
             return send(MlflowClient(tracking_uri=tracking_uri))
     except Exception as err:  # the store's problem: the results are on disk already
         log.warning("MLflow at %s: %s not logged (%s: %s); the files stay on disk",

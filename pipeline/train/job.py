@@ -116,8 +116,8 @@ def _open_tracker(cfg: TrainConfig, run: RunFolder, rank: int, world: int, state
     tracking = cfg.tracking if cfg.tracking.run_name else dataclasses.replace(
         cfg.tracking, run_name=f"{cfg.stage}-{run.path.resolve().name}")  # not MLflow's random name
     params = {**flatten(cfg), "trainable_parameters": trainable}
-    tracker = Tracker.open(tracking, run.path, is_main=rank == 0, run_id=state.run_id, params=params,
-                           tags={"stage": cfg.stage, "world_size": str(world)})
+    tracker = Tracker.open(tracking, run.path, is_main=rank == 0, run_id=state.run_id, resume_step=state.step,
+                           params=params, tags={"stage": cfg.stage, "world_size": str(world)})
     if rank == 0:
         state.run_id = tracker.run_id  # rank 0's is the one its checkpoint files carry
     return tracker
@@ -126,8 +126,6 @@ def _open_tracker(cfg: TrainConfig, run: RunFolder, rank: int, world: int, state
 def _write_run_files(cfg: TrainConfig, run: RunFolder, tracker: Tracker, ds_config: dict, fresh: bool) -> None:
     dump_yaml(cfg, run.config)
     run.deepspeed_config.write_text(json.dumps(ds_config, indent=2))
-    if tracker.run_id:
-        run.write_tracking(tracker.uri, tracker.run_id)
     if fresh:
         tracker.log_artifact(run.config)
         tracker.log_artifact(run.deepspeed_config)

@@ -2,7 +2,8 @@
 
     config.yaml        the resolved stage config (what `pipeline.export` rebuilds the model from)
     deepspeed.json     the DeepSpeed config after "auto" values were filled in
-    mlflow_run.json    {"tracking_uri", "run_id"} of the job's MLflow run
+    mlflow_run.json    {"tracking_uri", "run_id"} of the job's MLflow run (rank 0's tracker writes it)
+    mlflow_outbox.json what that run has not acknowledged yet (pipeline.train.tracking_outbox)
     metrics.jsonl      one line per logged optimizer step (rank 0)
     samples/rank<r>.jsonl   the sample ledger: the keys each rank trained on, per step
     plots/             per-layer alignment plots
@@ -30,6 +31,7 @@ class RunFolder:
     config = property(lambda self: self.path / "config.yaml")
     deepspeed_config = property(lambda self: self.path / "deepspeed.json")
     tracking = property(lambda self: self.path / "mlflow_run.json")
+    outbox = property(lambda self: self.path / "mlflow_outbox.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     checkpoints = property(lambda self: self.path / "checkpoints")
     plots = property(lambda self: self.path / "plots")
@@ -52,9 +54,16 @@ class RunFolder:
             tmp.write_text(json.dumps({"tracking_uri": tracking_uri, "run_id": run_id}, indent=2) + "\n")
 
     def read_tracking(self) -> dict[str, str] | None:
+        """The recorded run; its store's URI follows the folder when the store is the folder's own
+        (`sqlite:///<old place>/mlflow.db` of a folder since copied or moved)."""
         if not self.tracking.is_file():
             return None
-        return json.loads(self.tracking.read_text())
+        recorded = json.loads(self.tracking.read_text())
+        uri = recorded.get("tracking_uri") or ""
+        own = self.path / "mlflow.db"
+        if uri.startswith("sqlite:///") and uri.endswith("/mlflow.db") and own.is_file():
+            recorded["tracking_uri"] = f"sqlite:///{own.resolve().as_posix()}"
+        return recorded
 
     def append_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         with self.metrics.open("a") as f:
