@@ -321,12 +321,27 @@ def run_stage(stage: str, args, sizes: Sizes, records: list[dict], tmp: Path, dt
                   for v in variants}
     print_table(variants, int(padded.seq_lens.sum()), step_flops,
                 peak_flops_per_device(engine.device, args.peak_tflops), args.warmup)
+    print_memory_plan(cfg, padded, engine.module.config.image_seq_length, variants)
     engine.destroy()
     del engine, assembled, zero3, batches, padded
     gc.collect()
     if dev == "cuda":
         torch.cuda.empty_cache()
     return equal
+
+
+def print_memory_plan(cfg, batch, image_tokens: int, variants: list) -> None:
+    """pipeline/train/memory.py's estimate for this config and this batch's mean sample length, beside
+    the measured peak (torch's allocator peak has no CUDA context: compare without the reserve)."""
+    from pipeline.train.memory import RESERVE, plan
+
+    images = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
+    text = float(batch.seq_lens.float().mean()) - images / len(batch) * image_tokens
+    estimate = plan(cfg, world_size=1, text_tokens=max(1, round(text)))
+    measured = max((v.peak_gib for v in variants if v.peak_gib is not None), default=None)
+    print(f"memory plan (pipeline/train/memory.py): {(estimate.totals[0] - RESERVE) / 2**30:.2f} GiB without its "
+          f"{RESERVE / 2**30:.0f} GiB reserve; measured peak "
+          f"{f'{measured:.2f} GiB' if measured is not None else 'n/a (CPU)'}")
 
 
 def describe(stage: str, cfg, model, tensors: int, batches: dict, dtype: torch.dtype, build_seconds: float) -> None:

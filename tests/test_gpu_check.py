@@ -62,4 +62,6 @@ def test_tiny_cpu_check_trains_both_stages_prints_every_variant_and_packed_equal
             assert row, f"no table row for {variant!r} in:\n{stage}"
             seconds, tokens_per_second, tflops = (float(x) for x in row.groups())
             assert seconds > 0 and tokens_per_second > 0 and tflops > 0
+        assert re.search(rf"^memory plan \(pipeline/train/memory.py\): {NUMBER} GiB without its 3 GiB reserve; "
+                         r"measured peak n/a \(CPU\)$", stage, re.M), stage
     assert re.search(r"^packed = padded \(every loss part, same weights\) in stage 1 and stage 2: yes$", out, re.M)
