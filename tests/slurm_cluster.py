@@ -1,9 +1,10 @@
-"""A real single-node Slurm cluster on loopback, private to one test (see launch/slurm/README.md).
+"""A real Slurm cluster on loopback, private to one test (see launch/slurm/README.md).
 
-Everything the cluster owns lives under one folder: slurm.conf, munge key and socket, state, spool,
-logs. Ports are picked free at start and every Slurm command gets `SLURM_CONF` through
-`SlurmCluster.env`, so a system Slurm (its /etc/slurm, its munged, its daemons on 6817/6818) is
-neither read nor disturbed.
+One node, or several: one slurmd per node on this machine, each with its own loopback address and
+port (Debian's build has MULTIPLE_SLURMD: `scontrol show config`). Everything the cluster owns lives under one folder:
+slurm.conf, munge key and socket, state, spool, logs. Ports are picked free at start and every
+Slurm command gets `SLURM_CONF` through `SlurmCluster.env`, so a system Slurm (its /etc/slurm, its
+munged, its daemons on 6817/6818) is neither read nor disturbed.
 """
 from __future__ import annotations
 
@@ -82,10 +83,27 @@ def ensure_slurm_installed() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def node_names(nodes: int) -> list[str]:
+    """One node is `localhost`. Several are named by their loopback addresses (127.0.0.1,
+    127.0.0.2, ...; Linux routes all of 127/8 to `lo`): a rank's master address is the first host
+    of the job's node list, which must resolve as node names do through DNS on a real cluster, and
+    an address resolves anywhere without touching /etc/hosts. (Slurm cannot call one of several
+    nodes `localhost`: while it holds one node record named so, its lookup of any other name
+    answers that record, and the second node reads as a duplicate.)"""
+    if nodes == 1:
+        return ["localhost"]
+    return [f"127.0.0.{index + 1}" for index in range(nodes)]
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports that nothing listens on (all probes stay open until all are picked)."""
+    with contextlib.ExitStack() as probes:
+        ports = []
+        for _ in range(count):
+            probe = probes.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+        return ports
 
 
 def _socket_dir(tmp_dir: Path) -> Path:
@@ -95,15 +113,20 @@ def _socket_dir(tmp_dir: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix="slurm-"))
 
 
-def _slurm_conf(root: Path, sockets: Path, cpus: int, memory_mb: int, gpus: int,
-                ports: tuple[int, int]) -> str:
+def _slurm_conf(root: Path, sockets: Path, nodes: list[str], cpus: int, memory_mb: int, gpus: int,
+                controller_port: int, node_ports: list[int]) -> str:
     gres = f" Gres=gpu:{gpus}" if gpus else ""
+    # Several slurmd on one machine: each is started as its node (slurmd -N), listens on its own
+    # Port (a slurmd binds every address), and has its own spool, pid and log files (%n: node name).
+    # slurmctld and srun reach a node at its NodeAddr: the name itself where it is an address.
+    node_lines = [f"NodeName={name} NodeAddr={'127.0.0.1' if name == 'localhost' else name} Port={port} "
+                  f"CPUs={cpus} RealMemory={memory_mb}{gres} State=UNKNOWN"
+                  for name, port in zip(nodes, node_ports)]
     return "\n".join([
-        "# Written by tests/slurm_cluster.py: one node on loopback, private to one test.",
+        f"# Written by tests/slurm_cluster.py: {len(nodes)} node(s) on loopback, private to one test.",
         "ClusterName=tgatest",
         "SlurmctldHost=localhost",
-        f"SlurmctldPort={ports[0]}",
-        f"SlurmdPort={ports[1]}",
+        f"SlurmctldPort={controller_port}",
         "SlurmUser=root",
         "SlurmdUser=root",
         "AuthType=auth/munge",
@@ -112,11 +135,11 @@ def _slurm_conf(root: Path, sockets: Path, cpus: int, memory_mb: int, gpus: int,
         # 120 s); SlurmCluster.release_now skips even that wait.
         f"AuthInfo=socket={sockets / 'munge.socket'},cred_expire=30",
         f"StateSaveLocation={root / 'state'}",
-        f"SlurmdSpoolDir={sockets / 'spool'}",
+        f"SlurmdSpoolDir={sockets / 'spool' / '%n'}",
         f"SlurmctldPidFile={root / 'slurmctld.pid'}",
-        f"SlurmdPidFile={root / 'slurmd.pid'}",
+        f"SlurmdPidFile={root / 'slurmd-%n.pid'}",
         f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}",
-        f"SlurmdLogFile={root / 'log' / 'slurmd.log'}",
+        f"SlurmdLogFile={root / 'log' / 'slurmd-%n.log'}",
         "SlurmctldDebug=info",
         "SlurmdDebug=info",
         # No cgroups in a container: track job processes through /proc, bind nothing.
@@ -130,7 +153,7 @@ def _slurm_conf(root: Path, sockets: Path, cpus: int, memory_mb: int, gpus: int,
         "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_Core",
         f"DefMemPerCPU={max(1, memory_mb // cpus)}",
-        # The node may be declared bigger than the machine (e.g. 4 ranks on 2 cores).
+        # A node may be declared bigger than the machine (e.g. 4 ranks on 2 cores).
         "SlurmdParameters=config_overrides",
         "ReturnToService=2",
         "JobRequeue=1",
@@ -140,13 +163,13 @@ def _slurm_conf(root: Path, sockets: Path, cpus: int, memory_mb: int, gpus: int,
         "SchedulerType=sched/builtin",
         "SchedulerParameters=sched_interval=2",
         *(["GresTypes=gpu"] if gpus else []),
-        f"NodeName=localhost CPUs={cpus} RealMemory={memory_mb}{gres} State=UNKNOWN",
-        "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+        *node_lines,
+        f"PartitionName=debug Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP",
         "",
     ])
 
 
-def _fake_gpu_gres(root: Path, gpus: int) -> None:
+def _fake_gpu_gres(root: Path, nodes: list[str], gpus: int) -> None:
     """gres.conf (read next to slurm.conf) with `gpus` device-less GPUs.
 
     gres/gpu drops entries without File and rejects regular files, so each "GPU" is a link to
@@ -159,7 +182,7 @@ def _fake_gpu_gres(root: Path, gpus: int) -> None:
         if not link.is_symlink():
             link.symlink_to("/dev/null")
     (root / "gres.conf").write_text(
-        f"NodeName=localhost Name=gpu File={devices}/nvidia[0-{gpus - 1}]\n")
+        f"NodeName={','.join(nodes)} Name=gpu File={devices}/nvidia[0-{gpus - 1}]\n")
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -176,6 +199,7 @@ class SlurmCluster:
     root: Path
     conf_path: Path
     env: dict[str, str]
+    nodes: list[str]  # node names in slurm.conf order: srun's task 0 runs on the first
     _released: dict[str, int] = field(default_factory=dict)
 
     def run(self, *cmd: str, check: bool = True, env: dict[str, str] | None = None,
@@ -243,10 +267,10 @@ class SlurmCluster:
         """Last lines of each daemon's log (its captured stdout where it wrote no log file)."""
         logs = self.root / "log"
         chosen = []
-        for daemon in DAEMONS:
-            log_file = logs / f"{daemon}.log"
+        for name in ["munged", "slurmctld", *(f"slurmd-{node}" for node in self.nodes)]:
+            log_file = logs / f"{name}.log"
             chosen.append(log_file if log_file.exists() and log_file.stat().st_size
-                          else logs / f"{daemon}.stdout")
+                          else logs / f"{name}.stdout")
         return "\n".join(_tail(path, lines) for path in chosen)
 
     def wait_until_idle(self, timeout_s: float) -> None:
@@ -255,11 +279,12 @@ class SlurmCluster:
         while time.monotonic() < deadline:
             done = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False)
             shown = (done.stdout + done.stderr).strip()
-            if done.returncode == 0 and shown.split() == ["localhost", "idle"]:
+            if done.returncode == 0 and sorted(shown.splitlines()) == sorted(
+                    f"{node} idle" for node in self.nodes):
                 return
             time.sleep(0.5)
-        raise SlurmClusterError(f"node not idle after {timeout_s:.0f} s (sinfo: {shown!r})\n"
-                                f"{self.log_tails()}")
+        raise SlurmClusterError(f"nodes {', '.join(self.nodes)} not all idle after {timeout_s:.0f} s "
+                                f"(sinfo: {shown!r})\n{self.log_tails()}")
 
 
 def cluster_processes(conf_path: Path) -> list[int]:
@@ -288,12 +313,15 @@ def _stop(process: subprocess.Popen, timeout_s: float = 15) -> None:
 
 @contextlib.contextmanager
 def slurm_cluster(tmp_dir: Path | str, cpus: int = 2, memory_mb: int = 4096, gpus: int = 0,
-                  start_timeout_s: float = 60) -> Iterator[SlurmCluster]:
-    """Start munged, slurmctld and slurmd for one node `localhost`; stop all of it on exit.
+                  nodes: int = 1, start_timeout_s: float = 60) -> Iterator[SlurmCluster]:
+    """Start munged, slurmctld and one slurmd per node (`node_names(nodes)`); stop all of it on exit.
 
-    `gpus` > 0 declares that many device-less GPU GRES so scripts with `--gpus-per-node` are
-    accepted on a machine without GPUs (jobs still see no GPU and run on CPU).
+    Every node declares `cpus`, `memory_mb` and `gpus`; `gpus` > 0 declares that many device-less
+    GPU GRES so scripts with `--gpus-per-node` are accepted on a machine without GPUs (jobs still
+    see no GPU and run on CPU). All nodes share this machine's cores.
     """
+    if nodes < 1:
+        raise ValueError(f"nodes={nodes}: a cluster needs at least one node")
     reason = ensure_slurm_installed()
     if reason:
         raise SlurmClusterError(reason)
@@ -301,19 +329,21 @@ def slurm_cluster(tmp_dir: Path | str, cpus: int = 2, memory_mb: int = 4096, gpu
     sockets = _socket_dir(root)
     for sub in ("state", "log", "munge"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    (sockets / "spool").mkdir(parents=True, exist_ok=True)
+    names = node_names(nodes)
+    for name in names:
+        (sockets / "spool" / name).mkdir(parents=True, exist_ok=True)
     root.chmod(0o755)  # munged refuses keys and sockets under group/world-writable folders
     conf_path = root / "slurm.conf"
-    conf_path.write_text(_slurm_conf(root, sockets, cpus, memory_mb, gpus,
-                                     (_free_port(), _free_port())))
+    controller_port, *node_ports = _free_ports(1 + nodes)
+    conf_path.write_text(_slurm_conf(root, sockets, names, cpus, memory_mb, gpus, controller_port, node_ports))
     if gpus:
-        _fake_gpu_gres(root, gpus)
+        _fake_gpu_gres(root, names, gpus)
     path = os.pathsep.join([os.environ.get("PATH", ""), *SBIN_DIRS])
     env = {**os.environ, "SLURM_CONF": str(conf_path), "PATH": path}
     for inherited in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_"))]:
         if inherited != "SLURM_CONF":  # a test run inside a real Slurm job must not leak into ours
             del env[inherited]
-    cluster = SlurmCluster(root=root, conf_path=conf_path, env=env)
+    cluster = SlurmCluster(root=root, conf_path=conf_path, env=env, nodes=names)
 
     key = root / "munge" / "munge.key"
     if not key.exists():
@@ -321,20 +351,21 @@ def slurm_cluster(tmp_dir: Path | str, cpus: int = 2, memory_mb: int = 4096, gpu
     key.chmod(0o600)
     daemons: list[subprocess.Popen] = []
 
-    def start(*cmd: str) -> None:
-        with (root / "log" / f"{Path(cmd[0]).name}.stdout").open("ab") as log:
+    def start(log_name: str, *cmd: str) -> None:
+        with (root / "log" / f"{log_name}.stdout").open("ab") as log:
             daemons.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True))
 
     try:
-        start(_which("munged"), "--foreground", "--force", f"--socket={sockets / 'munge.socket'}",
+        start("munged", _which("munged"), "--foreground", "--force", f"--socket={sockets / 'munge.socket'}",
               f"--key-file={key}", f"--pid-file={root / 'munge' / 'munged.pid'}",
               f"--seed-file={root / 'munge' / 'munged.seed'}")
         deadline = time.monotonic() + start_timeout_s  # a hang guard: the wait is on the socket file
         while not (sockets / "munge.socket").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        start(_which("slurmctld"), "-D", "-c", "-f", str(conf_path))
-        start(_which("slurmd"), "-D", "-N", "localhost", "-f", str(conf_path))
+        start("slurmctld", _which("slurmctld"), "-D", "-c", "-f", str(conf_path))
+        for name in names:
+            start(f"slurmd-{name}", _which("slurmd"), "-D", "-N", name, "-f", str(conf_path))
         cluster.wait_until_idle(start_timeout_s)
         yield cluster
     finally:
@@ -345,7 +376,7 @@ def slurm_cluster(tmp_dir: Path | str, cpus: int = 2, memory_mb: int = 4096, gpu
 
 def _shutdown(cluster: SlurmCluster, daemons: list[subprocess.Popen]) -> None:
     """Cancel jobs while the daemons run, stop the daemons, then kill leftover job processes."""
-    if len(daemons) == len(DAEMONS) and all(d.poll() is None for d in daemons):
+    if len(daemons) == 2 + len(cluster.nodes) and all(d.poll() is None for d in daemons):
         cluster.run("scancel", "--user=root", check=False, timeout_s=20)
         deadline = time.monotonic() + 120  # a hang guard: the wait is on an empty queue
         while time.monotonic() < deadline:
@@ -353,7 +384,7 @@ def _shutdown(cluster: SlurmCluster, daemons: list[subprocess.Popen]) -> None:
             if queue.returncode != 0 or not queue.stdout.strip():
                 break
             time.sleep(0.5)
-    for daemon in reversed(daemons):  # slurmd, slurmctld, munged
+    for daemon in reversed(daemons):  # the slurmds, slurmctld, munged
         _stop(daemon)
     for pid in cluster_processes(cluster.conf_path):
         with contextlib.suppress(ProcessLookupError):

@@ -1,4 +1,5 @@
-"""The loopback Slurm test cluster behaves like a real one: warning signals, self-requeue, srun.
+"""The loopback Slurm test cluster behaves like a real one: warning signals, self-requeue, srun over
+two nodes.
 
 These tests install Debian's slurm-wlm + munge when missing; they skip (and say why) only where
 that is impossible (no apt, not root). Measured here: signal ~0-30 s after start (slurmctld checks
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import textwrap
 import time
 from pathlib import Path
@@ -51,8 +53,9 @@ def _skip_unless_slurm_possible() -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> SlurmCluster:
+    """Two nodes (two slurmd on this machine); jobs without --nodes get one of them."""
     _skip_unless_slurm_possible()
-    with slurm_cluster(tmp_path_factory.mktemp("slurm"), cpus=2) as running:
+    with slurm_cluster(tmp_path_factory.mktemp("slurm"), cpus=2, nodes=2) as running:
         yield running
 
 
@@ -86,20 +89,26 @@ def test_job_gets_warning_signal_requeues_itself_and_its_second_run_completes(cl
     assert restart_delay_s < 30
 
 
-def test_srun_in_a_batch_job_starts_one_task_per_rank(cluster, tmp_path):
+def test_srun_on_two_nodes_starts_ranks_in_blocks_and_the_first_host_resolves(cluster, tmp_path):
     script = tmp_path / "ranks.sh"
     script.write_text(textwrap.dedent("""\
         #!/bin/bash
-        #SBATCH --ntasks=2
-        srun --ntasks=2 bash -c 'echo "rank $SLURM_PROCID of $SLURM_NTASKS on $SLURMD_NODENAME"'
+        #SBATCH --nodes=2
+        #SBATCH --ntasks-per-node=2
+        echo "first host $(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+        srun bash -c 'echo "rank $SLURM_PROCID of $SLURM_NTASKS on node $SLURM_NODEID $SLURMD_NODENAME"'
     """))
     output = tmp_path / "ranks.out"
 
     job_id = cluster.sbatch(script, options=[f"--output={output}"], cwd=tmp_path)
 
     assert cluster.wait(job_id, timeout_s=60) == "COMPLETED", output.read_text()
+    first, second = cluster.nodes
     assert sorted(output.read_text().splitlines()) == [
-        "rank 0 of 2 on localhost", "rank 1 of 2 on localhost"]
+        f"first host {first}", f"rank 0 of 4 on node 0 {first}", f"rank 1 of 4 on node 0 {first}",
+        f"rank 2 of 4 on node 1 {second}", f"rank 3 of 4 on node 1 {second}"]
+    # what pipeline/train/launch_env.py makes the master address of srun's ranks
+    assert socket.gethostbyname(first) == "127.0.0.1"
 
 
 def test_fake_gpus_let_a_gpu_header_run_on_a_cpu_machine(tmp_path):
@@ -126,14 +135,14 @@ def test_leaving_the_cluster_stops_its_daemons_and_running_jobs(tmp_path):
     pid_file = tmp_path / "sleeper.pid"
     script.write_text(f"#!/bin/bash\necho $$ > {pid_file}\nsleep 600\n")
 
-    with slurm_cluster(tmp_path / "cluster") as running:
+    with slurm_cluster(tmp_path / "cluster", nodes=2) as running:
         running.sbatch(script, options=["--output=/dev/null"], cwd=tmp_path)
         deadline = time.monotonic() + 300  # a hang guard: the wait is on the job's pid file
         while not pid_file.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert pid_file.exists(), running.log_tails()
         daemon_pids = [int((running.root / f"{daemon}.pid").read_text())
-                       for daemon in ("slurmctld", "slurmd")]
+                       for daemon in ("slurmctld", *(f"slurmd-{node}" for node in running.nodes))]
 
     for pid in [*daemon_pids, int(pid_file.read_text())]:
         assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), f"pid {pid} survived"
