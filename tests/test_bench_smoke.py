@@ -19,7 +19,11 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-BENCHES = ("bench_tga_overhead", "bench_checkpoint", "bench_stage2_throughput", "bench_lora")
+BENCHES = {name: (name, []) for name in ("bench_tga_overhead", "bench_checkpoint", "bench_stage2_throughput",
+                                          "bench_lora")}
+# 576 image tokens at the smallest sizes (~8 CPU seconds): the option's tower, prompt and LLM are built and run
+BENCHES["bench_tga_overhead_llava"] = ("bench_tga_overhead", [
+    "--llava-shape", "--hidden", "64", "--layers", "4", "--batch", "1", "--tower-hidden", "32", "--tower-layers", "1"])
 TIMEOUT_SECONDS = 240  # the file stays well under a minute on an idle 2-core machine; this is for a loaded one
 NUMBER = r"(\d+(?:\.\d+)?)"
 
@@ -31,11 +35,12 @@ def quick_runs(tiny_world, tmp_path_factory):
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     logs = tmp_path_factory.mktemp("bench")
     runs = {}
-    for name in BENCHES:
+    for name, (script, options) in BENCHES.items():
         log = logs / f"{name}.log"
         with open(log, "wb") as out:
             runs[name] = (subprocess.Popen(
-                [sys.executable, str(REPO / "bench" / f"{name}.py"), "--quick", "--world", str(tiny_world.root)],
+                [sys.executable, str(REPO / "bench" / f"{script}.py"), "--quick", "--world", str(tiny_world.root),
+                 *options],
                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True), log)
     yield runs
     for proc, _ in runs.values():
@@ -61,8 +66,9 @@ def figure(text: str, pattern: str) -> tuple[float, ...]:
     return tuple(float(g) for g in match.groups())
 
 
-def test_tga_overhead_quick_prints_all_four_variants_and_their_ratios_to_plain(quick_runs):
-    text = output_of(quick_runs, "bench_tga_overhead")
+@pytest.mark.parametrize("run", ["bench_tga_overhead", "bench_tga_overhead_llava"], ids=["tiny", "llava-shape"])
+def test_tga_overhead_quick_prints_all_four_variants_and_their_ratios_to_plain(quick_runs, run):
+    text = output_of(quick_runs, run)
     (plain,) = figure(text, rf"^\(a\) plain LLaVA stage 1 \(LM loss only\)\s+{NUMBER}\s+1\.00x$")
     assert plain > 0
     for label in (r"\(b\) TGA, cached caption targets", r"\(c\) TGA, uncached \(text forward each step\)",
@@ -77,7 +83,19 @@ def test_tga_overhead_quick_prints_all_four_variants_and_their_ratios_to_plain(q
     assert text_forward > 0 and share_of_plain > 0
     (attention_mb,) = figure(text, rf"^attention maps materialised per step by \(d\): {NUMBER} MB$")
     assert attention_mb > 0
-    assert re.search(r"^goal \(b\)/\(a\) <= 1\.10: (met|NOT met)$", text, re.MULTILINE)
+    for variant in "bc":
+        assert re.search(rf"^goal \({variant}\)/\(a\) <= 1\.10: (met|NOT met)$", text, re.MULTILINE)
+    tokens, caption, caption_input, labelled = figure(
+        text, rf"^per sample: {NUMBER} tokens; caption {NUMBER} tokens \(\d+-\d+\), caption forward input "
+              rf"{NUMBER} tokens; labelled {NUMBER}% of the tokens$")
+    assert 0 < caption <= caption_input < tokens and 0 < labelled < 100
+    image_size, patch, tower_seconds, tower_share = figure(
+        text, rf"^vision tower: {NUMBER} px, patch {NUMBER}, hidden \d+, \d+ layers; its forward alone: "
+              rf"{NUMBER} s = {NUMBER}% of \(a\)$")
+    (image_tokens,) = figure(text, rf"^batch: \d+ samples, \d+ tokens \({NUMBER} image tokens\)")
+    assert (image_size // patch) ** 2 == image_tokens and tower_seconds > 0 and tower_share > 0
+    if run == "bench_tga_overhead_llava":  # CLIP-L/14-336's token count, LCS-558K-length captions
+        assert (image_size, patch, image_tokens) == (336, 14, 576) and 10 <= caption <= 30
 
 
 def test_checkpoint_quick_saves_loads_resumes_and_prints_its_costs(quick_runs):

@@ -81,7 +81,10 @@ def build_job(cfg: TrainConfig) -> Job:
     if rank == 0:
         _write_run_files(cfg, run, tracker, ds_config, fresh=not resumed)
     run.rewind(state.step, rank)
-    targets = CaptionTargets(cfg.tga.layers, cached=cfg.caption_targets_frozen)
+    # the cache serves only samples met before: in a single pass it would hold ~10 GB of host RAM
+    # per rank (7B, LCS-558K) and copy targets to the host every step for nothing
+    one_pass = dry_run.total_steps(dataclasses.replace(cfg, epochs=1, max_steps=None), world)
+    targets = CaptionTargets(cfg.tga.layers, cached=cfg.caption_targets_frozen and total_steps > one_pass)
     return Job(cfg, rank, world, run, engine, loader, checkpointer, tracker, state, targets, total_steps, resumed,
                datasets)
 

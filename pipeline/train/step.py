@@ -10,23 +10,30 @@ instead, a frozen-LLM rank without images would skip the decoder's backward that
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 
 from pipeline.data.batch import Batch
 from pipeline.tga.loss import TGAConfig, pool_caption_targets, tga_loss
+from pipeline.tga.prompt import IGNORE_INDEX
 from pipeline.train.distributed import any_rank
 
 # Per-rank bound of the stage-1 cache: 9 layers x 4096 fp32 of a 7B LLM are 147 KB per sample.
 CACHE_ENTRIES = 100_000
+_UNSET = object()
 
 
 class CaptionTargets:
     """Text-side targets t_b^l: pooled caption hidden states from a no-grad, eval-mode forward of
-    the current weights. With a frozen LLM (`cached`: stage 1) they never change and are kept per
-    sample key, up to `cache_size` entries."""
+    the current weights. With a frozen LLM (stage 1) they never change: `cached` keeps them per
+    sample key, up to `cache_size` entries (worth it only when a run meets a sample twice)."""
 
     def __init__(self, layers: list[int], cached: bool, cache_size: int = CACHE_ENTRIES):
         self.layers, self.cache_size = list(layers), cache_size if cached else 0
+        # hidden_states[l] is the output of decoder layer l - 1: layers from max(l) on cannot change it
+        self.depth = max(max(self.layers), 1)
         self.cache: dict[str, tuple[torch.Tensor, bool]] = {}
         self.forwards = 0
 
@@ -51,12 +58,47 @@ class CaptionTargets:
         was_training = model.training
         model.eval()
         try:
-            # LlavaModel, not the LM head: only hidden states are needed (no logits, no attentions).
-            out = model.model(input_ids=batch.caption_input_ids, attention_mask=batch.caption_attention_mask,
-                              output_hidden_states=True)
+            # LlavaModel, not the LM head: only hidden states are needed (no logits, no attentions),
+            # and only up to the deepest alignment layer (stage 1: 18 of 32 layers run, not 32).
+            with decoder_depth(model.model.language_model, self.depth):
+                out = model.model(input_ids=batch.caption_input_ids, attention_mask=batch.caption_attention_mask,
+                                  output_hidden_states=True, use_cache=False)
         finally:
             model.train(was_training)
         return pool_caption_targets(out.hidden_states, batch.caption_spans, self.layers)
+
+
+@contextlib.contextmanager
+def decoder_depth(decoder: torch.nn.Module, depth: int):
+    """Run only the first `depth` layers of a transformers decoder (LlamaModel, MistralModel, ...)
+    in the forwards inside; its hidden_states[depth] stays the raw output of layer depth - 1.
+
+    Why a shorter layer count: every decoder of transformers loops over
+    `self.layers[: config.num_hidden_layers]`, so the forward stays transformers' own (masks,
+    rotary embeddings, attention implementation); a decoder that ignored the count would run all
+    layers, slower but with the same values. The alternatives break ZeRO-3: it gathers parameters
+    in module hooks and prefetches along the module order it recorded for a whole step (from one
+    top-level forward to the next, this forward included; partitioned_param_coordinator:
+    trace_prologue, reset_step). Fewer layers at a fixed depth is one fixed order, so the trace
+    stays valid and prefetching covers this forward; stopping by an exception would skip the
+    enclosing modules' post-forward hooks (their parameters and ZeRO's module stack). `transformers`
+    replaces the last hidden state by the final norm's output (tie_last_hidden_states): off here,
+    because the last one is now a middle layer."""
+    config = decoder.config
+    layers = config.num_hidden_layers
+    if depth >= layers:
+        yield
+        return
+    tie = config.__dict__.get("tie_last_hidden_states", _UNSET)
+    config.num_hidden_layers, config.tie_last_hidden_states = depth, False
+    try:
+        yield
+    finally:
+        config.num_hidden_layers = layers
+        if tie is _UNSET:
+            del config.tie_last_hidden_states
+        else:
+            config.tie_last_hidden_states = tie
 
 
 def tga_forward(engine, batch: Batch, targets_fn: CaptionTargets, step_fraction: float,
@@ -72,21 +114,34 @@ def tga_forward(engine, batch: Batch, targets_fn: CaptionTargets, step_fraction:
         # rank must visit the modules in the same order or the ranks wait on each other for ever.
         hook = model.get_input_embeddings().register_forward_hook(
             lambda module, args, output: output + 0.0 * _dummy_vision(model, output.device))
+    kept, next_tokens = next_token_targets(batch.labels)
     try:
         # Packed batches carry position_ids and no attention_mask: transformers derives per-sample
         # attention from them (flash varlen / block-diagonal mask), which needs use_cache=False.
         out = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                      position_ids=batch.position_ids, pixel_values=pixel_values,
-                     labels=batch.labels, output_hidden_states=True, use_cache=False)
+                     logits_to_keep=kept, output_hidden_states=True, use_cache=False)
     finally:
         if hook is not None:
             hook.remove()
-    lm_loss = out.loss
+    # transformers' causal-LM loss (fp32 mean over labelled targets), on the kept logits [N, V]
+    lm_loss = F.cross_entropy(out.logits.float(), next_tokens)
     if not cfg.enabled:
         return lm_loss, {"lm": lm_loss.detach()}
     targets, valid = targets_fn(model, batch)
     return tga_loss(lm_loss, out.hidden_states, batch.image_spans, batch.retrieved_spans,
                     targets, valid, step_fraction, cfg, span_rows=batch.span_rows)
+
+
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions whose *next* token is labelled ([R,T] bool, for `logits_to_keep`) and those
+    tokens ([N]), in row-major order: transformers' shift (`ForCausalLMLoss`) without its full-vocab
+    logits at every position. In stage 1 ~4% of the tokens are labelled, so the logits (upcast to
+    fp32 for the loss) shrink ~25x. A packed sample's first label is ignored (collate), so no
+    target crosses a sample boundary."""
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    keep = shifted != IGNORE_INDEX
+    return keep, shifted[keep]
 
 
 def _dummy_vision(model, device) -> torch.Tensor:
