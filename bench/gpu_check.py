@@ -314,11 +314,12 @@ def run_stage(stage: str, args, sizes: Sizes, records: list[dict], tmp: Path, dt
     plain = dataclasses.replace(cfg.tga, align_on=False, pair_on=False)
     variants = [time_variant(f"{layout}, {name}", engine, batches[layout], targets, tga, args)
                 for layout in ("padded", "packed") for name, tga in (("TGA", cfg.tga), ("plain", plain))]
-    padded, flops = batches["padded"], StepFlops.of(engine.module)
+    padded, flops = batches["padded"], StepFlops.of(engine.module, caption_layers=targets.depth)
     images = 0 if padded.pixel_values is None else padded.pixel_values.shape[0]
     captions = padded.caption_attention_mask.sum(dim=1).tolist()
-    step_flops = {v.name: flops.step(padded.seq_lens.tolist(), images, captions if v.caption_forward else [])
-                  for v in variants}
+    logits = int((padded.labels[:, 1:] != -100).sum())  # where the LM head runs (step.next_token_targets)
+    step_flops = {v.name: flops.step(padded.seq_lens.tolist(), images, captions if v.caption_forward else [],
+                                     logit_positions=logits) for v in variants}
     print_table(variants, int(padded.seq_lens.sum()), step_flops,
                 peak_flops_per_device(engine.device, args.peak_tflops), args.warmup)
     print_memory_plan(cfg, padded, engine.module.config.image_seq_length, variants)

@@ -52,6 +52,13 @@ def test_step_flops_count_weights_attention_and_the_frozen_parts_by_hand():
     caption = 2 * 1000 * 4 + 2 * 2 * 8 * 16  # no-grad text forward of a 4-token caption
     assert flops.step([3], 0, caption_lens=[4]) - flops.step([3], 0) == caption
 
+    # the LM head (200 of the 1000) runs only where a label follows; the caption forward stops at layer 1
+    # of 2 and has no head
+    shaped = StepFlops(**{**flops.__dict__, "lm_head_params": 200, "caption_layers": 1})
+    assert shaped.step([3, 2], 0) == flops.step([3, 2], 0)  # every position read: as before
+    assert shaped.step([3, 2], 0, logit_positions=1) == 4 * (800 * 5 + 200 * 1) + 3 * 2 * 2 * 8 * (9 + 4)
+    assert shaped.step([3], 0, caption_lens=[4]) - shaped.step([3], 0) == 2 * 800 * 1 / 2 * 4 + 2 * 1 * 8 * 16
+
 
 def test_meter_reports_tflops_and_mfu_against_the_given_peak(assembled):
     text = type("T", (), {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "image_span": None,

@@ -42,10 +42,13 @@ class StepFlops:
     vision_hidden: int
     vision_tokens: int     # patch tokens (+ class token) the tower runs per image
     projector_params: int
+    lm_head_params: int = 0          # part of llm_params that runs only where the loss reads logits
+    caption_layers: int | None = None  # decoder layers of the TGA caption forward (None: all)
 
     @classmethod
-    def of(cls, model: torch.nn.Module) -> StepFlops:
-        """From a LlavaForConditionalGeneration (ZeRO-3 partitioned or not)."""
+    def of(cls, model: torch.nn.Module, caption_layers: int | None = None) -> StepFlops:
+        """From a LlavaForConditionalGeneration (ZeRO-3 partitioned or not); `caption_layers`: how
+        deep the caption forward runs (pipeline.train.step.CaptionTargets.depth)."""
         config = model.config
         text, vision = config.text_config, config.vision_config
 
@@ -58,29 +61,39 @@ class StepFlops:
         lm_head = model.get_output_embeddings()
         tied = lm_head is not None and lm_head.weight is embed.weight
         llm_params = count(llm, skip=("embed_tokens",))
+        head = 0
         if lm_head is not None:
-            llm_params += getattr(lm_head.weight, "ds_numel", lm_head.weight.numel()) if not tied else \
+            head = getattr(lm_head.weight, "ds_numel", lm_head.weight.numel()) if not tied else \
                 getattr(embed.weight, "ds_numel", embed.weight.numel())
+        llm_params += head
         return cls(
             llm_params=llm_params, llm_layers=text.num_hidden_layers, llm_hidden=text.hidden_size,
             llm_trains=any(p.requires_grad for p in llm.parameters()),
             vision_params=count(model.model.vision_tower, skip=("embeddings",)),
             vision_layers=vision.num_hidden_layers, vision_hidden=vision.hidden_size,
             vision_tokens=(vision.image_size // vision.patch_size) ** 2 + 1,
-            projector_params=count(model.model.multi_modal_projector))
+            projector_params=count(model.model.multi_modal_projector), lm_head_params=head,
+            caption_layers=min(caption_layers, text.num_hidden_layers) if caption_layers else None)
 
-    def step(self, seq_lens: list[int], images: int, caption_lens: list[int] = ()) -> float:
+    def step(self, seq_lens: list[int], images: int, caption_lens: list[int] = (),
+             logit_positions: int | None = None) -> float:
         """FLOPs of one micro-step: sequences of `seq_lens` real tokens (image tokens included),
-        `images` through the tower and projector, the no-grad caption forward over `caption_lens`."""
+        `images` through the tower and projector, the no-grad caption forward over `caption_lens`
+        (its `caption_layers`, no LM head); the LM head runs at `logit_positions` (the positions
+        before a label, pipeline.train.step.next_token_targets; None: every token)."""
         llm_passes = 6 if self.llm_trains else 4  # 2 forward + 2 input grads (+ 2 weight grads)
         tokens = sum(seq_lens)
+        body = self.llm_params - self.lm_head_params
         attention = 2 * self.llm_layers * self.llm_hidden * sum(n * n for n in seq_lens)
-        flops = llm_passes * self.llm_params * tokens + 3 * attention  # attention: forward + input grads
+        head_tokens = tokens if logit_positions is None else logit_positions
+        flops = llm_passes * (body * tokens + self.lm_head_params * head_tokens)
+        flops += 3 * attention  # attention: forward + input grads
         vision_attention = 4 * self.vision_layers * self.vision_hidden * self.vision_tokens ** 2  # not causal
         flops += images * (2 * self.vision_params * self.vision_tokens + vision_attention)
         flops += 6 * self.projector_params * images * (self.vision_tokens - 1)
-        flops += 2 * self.llm_params * sum(caption_lens)
-        flops += 2 * self.llm_layers * self.llm_hidden * sum(n * n for n in caption_lens)
+        depth = self.caption_layers or self.llm_layers
+        flops += 2 * body * depth / self.llm_layers * sum(caption_lens)
+        flops += 2 * depth * self.llm_hidden * sum(n * n for n in caption_lens)
         return float(flops)
 
 

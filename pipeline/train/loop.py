@@ -33,7 +33,8 @@ def train(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> int:
     preemption = _preemption_flag(preemption, cfg.preemption_signals)
     job = build_job(cfg)
     state, engine, targets = job.state, job.engine, job.caption_targets
-    meter = StepMeter(StepFlops.of(engine.module), peak_flops_per_device(engine.device, cfg.peak_tflops))
+    meter = StepMeter(StepFlops.of(engine.module, caption_layers=targets.depth),
+                      peak_flops_per_device(engine.device, cfg.peak_tflops))
     epochs = AgreedEpochs(job)
     history: list = []  # (step, {layer: cosine}) for the alignment plot
     preempted = False

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from pipeline.tga.prompt import IGNORE_INDEX
 from pipeline.train.distributed import sum_over_ranks
 
 COSINE = "cos_layer/"  # per-layer cos(i, t) of the TGA loss, a mean over valid samples
@@ -47,7 +48,8 @@ class StepMeter:
         if self.flops is not None:
             images = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
             captions = batch.caption_attention_mask.sum(dim=1).tolist() if caption_forward else []
-            self.model_flops += self.flops.step(seq_lens, images, captions)
+            logits = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())  # the LM head's positions
+            self.model_flops += self.flops.step(seq_lens, images, captions, logit_positions=logits)
         valid = float(parts.get("n_valid", 0))
         self.valid_samples += valid
         for name, value in parts.items():
