@@ -69,8 +69,8 @@ class TrainConfig:
 
     @property
     def caption_targets_frozen(self) -> bool:
-        """With the LLM frozen and no adapters (stage 1) a sample's caption targets never change:
-        they are cached."""
+        """With the LLM frozen and no adapters (stage 1) a sample's caption targets never change: they
+        can be cached (pipeline/train/job.py does when the run meets a sample more than once)."""
         return "llm" not in self.trainable and self.lora is None
 
     def __post_init__(self):
