@@ -192,8 +192,7 @@ class Tracker:
 
     @property
     def ui_command(self) -> str | None:
-        """The shell line that shows a local store in the browser (this interpreter's mlflow: a bare
-        `mlflow` is on PATH only in an activated venv); None for servers (see run_url)."""
+        """The shell line showing a local store in a browser (this interpreter's mlflow); None for servers."""
         if self._uri is None or self._uri.startswith(("http://", "https://")):
             return None
         return f"{shlex.quote(sys.executable)} -m mlflow ui --backend-store-uri {shlex.quote(self._uri)}"
