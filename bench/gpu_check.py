@@ -293,6 +293,7 @@ def run_stage(stage: str, args, sizes: Sizes, records: list[dict], tmp: Path, dt
     from pipeline.model.assemble import apply_freeze, build_llava
     from pipeline.train import engine as ds_engine
     from pipeline.train.flops import StepFlops, peak_flops_per_device
+    from pipeline.train.metrics import batch_flops
     from pipeline.train.step import CaptionTargets
 
     phase, dev = time.perf_counter(), args.device
@@ -305,21 +306,24 @@ def run_stage(stage: str, args, sizes: Sizes, records: list[dict], tmp: Path, dt
     samples, pad = encode(assembled, cfg, records, stage), assembled.tokenizer.pad_token_id
     # one packed row for flash-attention's varlen kernels, first-fit rows for SDPA (pipeline.train.job)
     single_row = engine.module.config.text_config._attn_implementation == "flash_attention_2"
+    # packed: the varlen boundaries built by the collate; "captions in row": TGA's caption inputs as
+    # segments of the packed row, so one forward gives the loss and the caption targets
     batches = {"padded": collate(samples, pad).to(engine.device),
-               "packed": collate(samples, pad, packed=True, single_row=single_row).to(engine.device)}
+               "packed": collate(samples, pad, packed=True, single_row=single_row).to(engine.device),
+               "captions in row": collate(samples, pad, packed=True, single_row=single_row,
+                                          captions_in_row=True).to(engine.device)}
     describe(stage, cfg, engine.module, len(tensors), batches, dtype, time.perf_counter() - phase)
 
     targets = CaptionTargets(cfg.tga.layers, cached=False)
     equal = check_packed_equals_padded(engine, batches, targets, cfg.tga, dtype)
     plain = dataclasses.replace(cfg.tga, align_on=False, pair_on=False)
-    variants = [time_variant(f"{layout}, {name}", engine, batches[layout], targets, tga, args)
-                for layout in ("padded", "packed") for name, tga in (("TGA", cfg.tga), ("plain", plain))]
+    runs = [(f"{layout}, {name}", batches[layout], tga) for layout in ("padded", "packed")
+            for name, tga in (("TGA", cfg.tga), ("plain", plain))]
+    runs.insert(3, ("captions in row, TGA", batches["captions in row"], cfg.tga))
+    variants = [time_variant(name, engine, batch, targets, tga, args) for name, batch, tga in runs]
     padded, flops = batches["padded"], StepFlops.of(engine.module, caption_layers=targets.depth)
-    images = 0 if padded.pixel_values is None else padded.pixel_values.shape[0]
-    captions = padded.caption_attention_mask.sum(dim=1).tolist()
-    logits = int((padded.labels[:, 1:] != -100).sum())  # where the LM head runs (step.next_token_targets)
-    step_flops = {v.name: flops.step(padded.seq_lens.tolist(), images, captions if v.caption_forward else [],
-                                     logit_positions=logits) for v in variants}
+    # the same model FLOPs the training loop logs (pipeline.train.metrics.batch_flops)
+    step_flops = {v.name: batch_flops(flops, batch, v.caption_forward) for v, (_, batch, _) in zip(variants, runs)}
     print_table(variants, int(padded.seq_lens.sum()), step_flops,
                 peak_flops_per_device(engine.device, args.peak_tflops), args.warmup)
     print_memory_plan(cfg, padded, engine.module.config.image_seq_length, variants)
@@ -358,7 +362,8 @@ def describe(stage: str, cfg, model, tensors: int, batches: dict, dtype: torch.d
           f"{vision.hidden_size} x {vision.num_hidden_layers} layers, {vision.image_size} px / {vision.patch_size} -> "
           f"{image_tokens} image tokens; random weights; {text._attn_implementation}, {_name(dtype)}, ZeRO-3, "
           f"1 rank; gradient checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}; TGA layers "
-          f"{cfg.tga.layers}, caption targets from a text forward every step (a one-epoch run)")
+          f"{cfg.tga.layers}, caption targets every step (a one-epoch run): from a text forward, or from the "
+          f"caption segments of the packed row")
     padded, packed = batches["padded"], batches["packed"]
     tokens, positions = int(padded.seq_lens.sum()), padded.input_ids.numel()
     images = 0 if padded.pixel_values is None else padded.pixel_values.shape[0]
@@ -373,7 +378,8 @@ def _name(dtype: torch.dtype) -> str:
 
 
 def check_packed_equals_padded(engine, batches: dict, targets, tga_cfg, dtype: torch.dtype) -> bool:
-    """Every loss part of a no-grad forward of both layouts on the same weights, within TOLERANCE."""
+    """Every loss part of a no-grad forward of each layout on the same weights, within TOLERANCE of
+    the padded batch's."""
     from pipeline.train.step import tga_forward
 
     rtol, atol = TOLERANCE[dtype]
@@ -385,12 +391,13 @@ def check_packed_equals_padded(engine, batches: dict, targets, tga_cfg, dtype: t
     print(f"packed vs padded, no-grad forward on the same weights; tolerance |packed - padded| <= {atol:g} + "
           f"{rtol:g} x |padded| ({_name(dtype)}):")
     ok = True
-    for part, padded in values["padded"].items():
-        packed = values["packed"][part]
-        within = abs(packed - padded) <= atol + rtol * abs(padded)
-        ok &= within
-        print(f"  {part:6s} padded {padded:11.6f}  packed {packed:11.6f}  |diff| {abs(packed - padded):.1e}  "
-              f"{'ok' if within else 'OUT OF TOLERANCE'}")
+    for layout in (name for name in values if name != "padded"):
+        for part, padded in values["padded"].items():
+            packed = values[layout][part]
+            within = abs(packed - padded) <= atol + rtol * abs(padded)
+            ok &= within
+            print(f"  {part:6s} padded {padded:11.6f}  {layout} {packed:11.6f}  |diff| {abs(packed - padded):.1e}  "
+                  f"{'ok' if within else 'OUT OF TOLERANCE'}")
     print(f"  packed = padded: {'yes' if ok else 'NO'}")
     return ok
 
@@ -419,20 +426,23 @@ def time_variant(name: str, engine, batch, targets, tga_cfg, args) -> Variant:
 
 def print_table(variants: list[Variant], tokens: int, step_flops: dict, peak_flops: float | None, warmup: int) -> None:
     median = {v.name: statistics.median(v.seconds) for v in variants}
-    print(f"{'variant':16s} {'s/step':>8s} {'tokens/s':>10s} {'TFLOP/s':>9s} {'MFU':>6s} {'peak GiB':>9s}")
+    width = max(len(v.name) for v in variants)
+    print(f"{'variant':{width}s} {'s/step':>8s} {'tokens/s':>10s} {'TFLOP/s':>9s} {'MFU':>6s} {'peak GiB':>9s}")
     for v in variants:
         flops_per_second = step_flops[v.name] / median[v.name]
         mfu = f"{flops_per_second / peak_flops:.1%}" if peak_flops else "n/a"
         memory = f"{v.peak_gib:.2f}" if v.peak_gib is not None else "n/a"
-        print(f"{v.name:16s} {median[v.name]:8.4f} {tokens / median[v.name]:10.1f} {flops_per_second / 1e12:9.4g} "
+        print(f"{v.name:{width}s} {median[v.name]:8.4f} {tokens / median[v.name]:10.1f} {flops_per_second / 1e12:9.4g} "
               f"{mfu:>6s} {memory:>9s}")
     print(f"(median of {len(variants[0].seconds)} timed step(s) after {warmup} untimed; tokens/s: real tokens, not "
           "padding; TFLOP/s: pipeline/train/flops.py's model FLOPs, without padding or recomputation; MFU: that over "
           "the GPU's dense bf16 peak; peak GiB: torch.cuda.max_memory_allocated over the variant's steps)")
     packed_over_padded = {name: median[f"padded, {name}"] / median[f"packed, {name}"] for name in ("TGA", "plain")}
     tga_over_plain = {layout: median[f"{layout}, TGA"] / median[f"{layout}, plain"] for layout in ("padded", "packed")}
+    in_row = median["captions in row, TGA"] / median["packed, plain"]
     print(f"tokens/s packed/padded: TGA {packed_over_padded['TGA']:.3f}, plain {packed_over_padded['plain']:.3f}; "
-          f"step time TGA/plain: padded {tga_over_plain['padded']:.3f}, packed {tga_over_plain['packed']:.3f}")
+          f"step time TGA/plain: padded {tga_over_plain['padded']:.3f}, packed {tga_over_plain['packed']:.3f}, "
+          f"packed with the captions in the row {in_row:.3f}")
 
 if __name__ == "__main__":
     sys.exit(main())

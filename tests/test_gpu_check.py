@@ -53,11 +53,13 @@ def test_tiny_cpu_check_trains_both_stages_prints_every_variant_and_packed_equal
         assert f"trains {trains}:" in stage
         assert "sdpa, float32, ZeRO-3, 1 rank" in stage
         for part in ("loss", "lm", "align", "pair"):
-            padded, packed, _ = (float(x) for x in re.search(
-                rf"^  {part}\s+padded\s+{NUMBER}\s+packed\s+{NUMBER}\s+\|diff\| {NUMBER}\s+ok$", stage, re.M).groups())
-            assert packed == pytest.approx(padded, rel=1e-4, abs=1e-5)
+            for layout in ("packed", "captions in row"):
+                padded, packed, _ = (float(x) for x in re.search(
+                    rf"^  {part}\s+padded\s+{NUMBER}\s+{layout}\s+{NUMBER}\s+\|diff\| {NUMBER}\s+ok$", stage,
+                    re.M).groups())
+                assert packed == pytest.approx(padded, rel=1e-4, abs=1e-5)
         assert "  packed = padded: yes" in stage
-        for variant in ("padded, TGA", "padded, plain", "packed, TGA", "packed, plain"):
+        for variant in ("padded, TGA", "padded, plain", "packed, TGA", "captions in row, TGA", "packed, plain"):
             row = re.search(rf"^{re.escape(variant)}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+n/a\s+n/a$", stage, re.M)
             assert row, f"no table row for {variant!r} in:\n{stage}"
             seconds, tokens_per_second, tflops = (float(x) for x in row.groups())

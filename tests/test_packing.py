@@ -1,17 +1,22 @@
 """Padding-free packing: one row per micro-batch, position ids restarting per sample, attention kept
 inside each sample (transformers' block-diagonal mask on CPU). It must train exactly like the
-padded batch: same loss, same TGA parts, same gradients."""
+padded batch: same loss, same TGA parts, same gradients. The segment boundaries flash-attention
+needs are built once, for the language model only; the TGA captions can ride in the row."""
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
 from pipeline.data.batch import SampleEncoder, collate
 from pipeline.data.shards import iter_shard
 from pipeline.model.assemble import ModelConfig, apply_freeze, build_llava
-from pipeline.tga.loss import TGAConfig
+from pipeline.model.lora import LoraConfig, add_lora
+from pipeline.tga.loss import TGAConfig, pool_caption_targets
 from pipeline.tga.prompt import IGNORE_INDEX
-from pipeline.train.step import CaptionTargets, tga_forward
+from pipeline.train.flops import StepFlops
+from pipeline.train.metrics import batch_flops
+from pipeline.train.step import CaptionTargets, captions_in_row, tga_forward
 from tests.conftest import write_training_shards
 
 LAYERS = [2, 3, 4]
@@ -124,3 +129,122 @@ def test_rows_for_dense_attention_are_as_long_as_the_longest_sample_and_hold_eve
             assert packed.input_ids[row, start:end].eq(image_token).all()
     images = [s.pixel_values for k in packed.keys for s in samples if s.key == k and s.pixel_values is not None]
     assert torch.equal(packed.pixel_values, torch.stack(images)), "images follow the placed order"
+
+
+@pytest.mark.parametrize("single_row,in_row", [(True, False), (False, False), (True, True), (False, True)],
+                         ids=["one-row", "rows", "one-row+captions", "rows+captions"])
+def test_segment_boundaries_are_the_ones_transformers_derives_from_position_ids(assembled, samples, single_row,
+                                                                                in_row):
+    """cu_seq_lens / max_length built once in the collate are what flash-attention's varlen path
+    would otherwise derive from the position ids in every layer (prepare_fa_kwargs_from_position_ids)."""
+    batch = collate(samples, assembled.tokenizer.pad_token_id, packed=True, single_row=single_row,
+                    captions_in_row=in_row)
+    (cu_q, cu_k), (max_q, _) = prepare_fa_kwargs_from_position_ids(batch.position_ids)
+    assert batch.cu_seq_lens.dtype == torch.int32 and torch.equal(batch.cu_seq_lens, cu_q) and torch.equal(cu_q, cu_k)
+    assert isinstance(batch.max_length, int) and batch.max_length == int(max_q)
+    assert collate(samples, assembled.tokenizer.pad_token_id).cu_seq_lens is None  # padded: the mask says it
+
+
+def test_varlen_lengths_reach_the_llm_attention_and_never_the_vision_tower(assembled, samples):
+    batch = collate(samples, assembled.tokenizer.pad_token_id, packed=True)
+    llava = assembled.model.model
+    seen: dict[str, dict] = {}
+    watched = {"llm attention": llava.language_model.layers[0].self_attn, "vision tower": llava.vision_tower,
+               "vision attention": llava.vision_tower.encoder.layers[0].self_attn}
+
+    def record(name):
+        return lambda module, args, kwargs: seen.setdefault(name, dict(kwargs)) and None
+
+    hooks = [module.register_forward_pre_hook(record(name), with_kwargs=True) for name, module in watched.items()]
+    try:
+        forward(assembled.model, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert set(seen) == set(watched)
+    assert torch.equal(seen["llm attention"]["cu_seq_lens_q"], batch.cu_seq_lens)
+    assert seen["llm attention"]["max_length_k"] == batch.max_length
+    for name in ("vision tower", "vision attention"):
+        assert not [key for key in seen[name] if "seq_len" in key or "max_length" in key], name
+
+
+def test_captions_in_the_packed_row_are_segments_of_their_own_after_the_samples(assembled, samples):
+    pad = assembled.tokenizer.pad_token_id
+    plain = collate(samples, pad, packed=True)
+    batch = collate(samples, pad, packed=True, captions_in_row=True)
+    n = plain.input_ids.shape[1]
+    assert torch.equal(batch.input_ids[:, :n], plain.input_ids), "the samples keep their layout"
+    assert batch.caption_input_ids is None and batch.labels[0, n:].eq(IGNORE_INDEX).all()
+    placed = [next(s for s in samples if s.key == key) for key in batch.keys]
+    start = n
+    for i, sample in enumerate(placed):
+        caption = sample.text.caption_input_ids
+        assert int(batch.caption_lens[i]) == len(caption)
+        if not caption:
+            assert batch.caption_spans[i].tolist() == [0, 0]
+            continue
+        assert batch.input_ids[0, start:start + len(caption)].tolist() == caption
+        assert batch.position_ids[0, start:start + len(caption)].tolist() == list(range(len(caption)))
+        span = sample.text.caption_span
+        assert batch.caption_spans[i].tolist() == [start + span[0], start + span[1]]
+        start += len(caption)
+    assert start == batch.input_ids.shape[1] and sum(1 for s in placed if s.text.caption_input_ids) >= 4
+
+
+@pytest.mark.parametrize("single_row", [True, False], ids=["one-row", "rows-for-dense-attention"])
+def test_captions_in_the_row_give_the_separate_forwards_targets_loss_and_gradients(assembled, samples, single_row):
+    """One forward for both: the caption segments' pooled hidden states (SDPA's block-diagonal mask
+    here, varlen under flash) are the text-only forward's targets, so loss and gradients match."""
+    pad = assembled.tokenizer.pad_token_id
+    separate = collate(samples, pad, packed=True, single_row=single_row)
+    in_row = collate(samples, pad, packed=True, single_row=single_row, captions_in_row=True)
+    assert in_row.caption_rows is not None and separate.caption_rows is None
+    model, cfg = assembled.model, TGAConfig(layers=LAYERS)
+    targets, valid = CaptionTargets(cfg.layers, cached=False)(model, separate)
+    with torch.no_grad():
+        out = model(input_ids=in_row.input_ids, position_ids=in_row.position_ids, pixel_values=in_row.pixel_values,
+                    output_hidden_states=True, use_cache=False)
+    row_targets, row_valid = pool_caption_targets(out.hidden_states, in_row.caption_spans, cfg.layers,
+                                                  in_row.caption_rows)
+    assert torch.equal(row_valid, valid) and int(valid.sum()) >= 4
+    torch.testing.assert_close(row_targets, targets, rtol=1e-5, atol=1e-5)
+    separate_loss, separate_parts, separate_grads = forward(model, separate)
+    row_loss, row_parts, row_grads = forward(model, in_row)
+    torch.testing.assert_close(row_loss, separate_loss, rtol=1e-5, atol=1e-5)
+    for name in ("lm", "align", "pair", *(f"cos_layer/{layer}" for layer in LAYERS)):
+        torch.testing.assert_close(torch.as_tensor(row_parts[name]), torch.as_tensor(separate_parts[name]),
+                                   rtol=1e-5, atol=1e-5, msg=name)
+    assert sorted(row_grads) == sorted(separate_grads)
+    for name, grad in separate_grads.items():
+        torch.testing.assert_close(row_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_caption_forward_auto_rides_in_the_row_unless_packing_is_off_the_cache_serves_or_dropout_is_on(
+        assembled, tiny_world):
+    model = assembled.model
+    assert captions_in_row("auto", packed=True, cached=False, model=model)
+    assert not captions_in_row("auto", packed=False, cached=False, model=model)
+    assert not captions_in_row("auto", packed=True, cached=True, model=model)
+    assert not captions_in_row("separate", packed=True, cached=False, model=model)
+    assert captions_in_row("in_row", packed=True, cached=True, model=model)
+    with pytest.raises(ValueError, match="loader.packing=true"):
+        captions_in_row("in_row", packed=False, cached=False, model=model)
+    torch.manual_seed(0)
+    lora = build_llava(ModelConfig(llm=tiny_world.llm, vision_tower=tiny_world.clip))
+    add_lora(lora.model, LoraConfig(rank=4, alpha=8, dropout=0.05))
+    assert not captions_in_row("auto", packed=True, cached=False, model=lora.model)
+    with pytest.raises(ValueError, match=r"dropout on \(.*lora_dropout.*caption_forward=separate"):
+        captions_in_row("in_row", packed=True, cached=False, model=lora.model)
+
+
+def test_model_flops_count_caption_segments_as_row_tokens_and_a_separate_forward_only_when_it_ran(assembled, samples):
+    pad = assembled.tokenizer.pad_token_id
+    flops = StepFlops.of(assembled.model, caption_layers=4)
+    separate, in_row = (collate(samples, pad, packed=True, captions_in_row=r) for r in (False, True))
+    captions = [len(s.text.caption_input_ids) for s in (next(x for x in samples if x.key == k) for k in separate.keys)
+                if s.text.caption_input_ids]
+    images, logits = separate.pixel_values.shape[0], int((separate.labels[:, 1:] != IGNORE_INDEX).sum())
+    lengths = separate.seq_lens.tolist()
+    assert batch_flops(flops, separate, True) == flops.step(lengths, images, captions, logit_positions=logits)
+    assert batch_flops(flops, separate, False) == flops.step(lengths, images, [], logit_positions=logits)
+    assert batch_flops(flops, in_row, False) == flops.step(lengths + captions, images, [], logit_positions=logits)

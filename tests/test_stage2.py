@@ -51,6 +51,8 @@ def test_stage2_trains_mixed_batches_and_a_killed_run_resumes_with_identical_los
     assert seen & text_only, "text-only samples were trained alongside image samples"
     reference_log = (tmp_path / "reference.log").read_text()
     assert "trainable" in reference_log
+    # packed rows, no dropout: the captions ride in the row (one forward per micro-step)
+    assert "TGA caption targets: from the packed rows" in reference_log
     # the progress line a Slurm .out file shows between checkpoints (tracking.print_every_steps: 10)
     assert f"[stage2] step {RESUME_STEPS}/{RESUME_STEPS} lm " in reference_log and " ETA " in reference_log
     run, log = tmp_path / "run", tmp_path / "run.log"

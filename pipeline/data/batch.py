@@ -6,6 +6,8 @@ downstream (the TGA step, the metrics, the FLOP counter) reads a `Batch`'s attri
 the only module that lays one out. Samples are *placed* into rows (one per sample when
 padded; first-fit when packed), and every per-sample field — keys, spans, caption inputs, images —
 follows that placement order, which is the order Llava fills image tokens with image features.
+A packed batch also carries its segment boundaries (`cu_seq_lens`, flash-attention's varlen
+arguments) and may carry the TGA caption inputs as segments of its own rows (`caption_rows`).
 """
 from __future__ import annotations
 
@@ -88,9 +90,16 @@ class Batch:
     retrieved_spans: torch.Tensor       # [B, 2]
     span_rows: torch.Tensor             # [B] the row each sample's spans index
     pixel_values: torch.Tensor | None   # [images, 3, H, W] in placement order; None without images
-    caption_input_ids: torch.Tensor     # [B, Tc] the TGA text-only forward's input, right-padded
-    caption_attention_mask: torch.Tensor  # [B, Tc]
-    caption_spans: torch.Tensor         # [B, 2] caption tokens in caption_input_ids; (0, 0) = none
+    # the TGA text-only forward's input, right-padded [B, Tc]; None when the captions are in the rows
+    caption_input_ids: torch.Tensor | None
+    caption_attention_mask: torch.Tensor | None  # [B, Tc]
+    caption_spans: torch.Tensor         # [B, 2] caption tokens in caption_input_ids, or in row caption_rows[b]
+    caption_lens: torch.Tensor          # [B] tokens of each caption input (prefix + caption); 0 = none
+    caption_rows: torch.Tensor | None = None  # [B] the row of each caption segment; None: separate inputs
+    # packed: segment starts over the flattened rows, then their total (int32, [segments + 1]), and
+    # the longest segment: flash-attention's varlen arguments, so no layer derives them from position_ids
+    cu_seq_lens: torch.Tensor | None = None
+    max_length: int = 0
     datasets: list[str] = dataclasses.field(default_factory=list)  # [B] the data set of each sample
 
     def __len__(self) -> int:
@@ -106,32 +115,51 @@ class Batch:
             if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
-def collate(samples: list[Encoded], pad_id: int, packed: bool = False, single_row: bool = True) -> Batch:
+def collate(samples: list[Encoded], pad_id: int, packed: bool = False, single_row: bool = True,
+            captions_in_row: bool = False) -> Batch:
     """Right-padded rows, or with `packed` padding-free rows: one row (flash-attention's varlen
     kernels) or, `single_row=False`, first-fit-decreasing rows as long as the longest sample (dense
     attention then costs no more than the padded batch). The label of a packed sample's first token
-    is ignored: under the LM's one-token shift it is the target of the previous sample's last one."""
+    is ignored: under the LM's one-token shift it is the target of the previous sample's last one.
+
+    `captions_in_row` (packed only): each sample's caption input becomes one more segment of the
+    rows, after the samples (positions from 0, labels ignored), so that the multimodal forward also
+    gives the TGA caption targets (pipeline/train/step.py) and no separate forward is needed."""
+    if captions_in_row and not packed:
+        raise ValueError("captions_in_row needs packed rows (loader.packing: true)")
     lengths = [len(s.text.input_ids) for s in samples]
     rows = _place(lengths, single_row) if packed else [[i] for i in range(len(samples))]
     order = [index for row in rows for index in row]
     placed = [samples[i] for i in order]
-    width = max(1, max(sum(lengths[i] for i in row) for row in rows))
-    input_ids, labels, position_ids, span_rows, offsets = [], [], [], [], []
-    for r, row in enumerate(rows):
-        ids, labs = [], []
-        for index in row:
-            text = samples[index].text
-            span_rows.append(r)
-            offsets.append(len(ids))
-            ids += text.input_ids
-            labs += ([IGNORE_INDEX] + text.labels[1:]) if packed else text.labels
+    # the segments of each row: (placed index, is a caption, token ids, labels)
+    placed_index = iter(range(len(order)))
+    segments = [[(next(placed_index), False, samples[i].text.input_ids,
+                  ([IGNORE_INDEX] + samples[i].text.labels[1:]) if packed else samples[i].text.labels)
+                 for i in row] for row in rows]
+    if captions_in_row:
+        _append_captions(segments, [s.text.caption_input_ids for s in placed], single_row)
+    width = max(1, max(sum(len(seg[2]) for seg in row) for row in segments))
+    input_ids, labels, position_ids, starts = [], [], [], []
+    where: dict[tuple[int, bool], tuple[int, int]] = {}  # (placed index, caption) -> (row, offset)
+    for r, row in enumerate(segments):
+        ids, labs, pos = [], [], []
+        for k, caption, seg_ids, seg_labels in row:
+            where[k, caption] = (r, len(ids))
+            starts.append(r * width + len(ids))
+            ids += seg_ids
+            labs += seg_labels
+            pos += range(len(seg_ids))
         fill = width - len(ids)
+        if fill:  # packed: the pad tokens that end a row form a segment of their own, labels ignored
+            starts.append(r * width + len(ids))
         input_ids.append(ids + [pad_id] * fill)
         labels.append(labs + [IGNORE_INDEX] * fill)
-        # packed: the pad tokens that end a row form a segment of their own, with ignored labels
-        position_ids.append([p for i in row for p in range(lengths[i])] + list(range(fill)))
+        position_ids.append(pos + list(range(fill)))
+    offsets = [where[k, False][1] for k in range(len(placed))]
     images = [s.pixel_values for s in placed if s.pixel_values is not None]
     long = dict(dtype=torch.long)
+    bounds = torch.tensor(starts + [len(segments) * width], dtype=torch.int32)
+    captions = _captions(placed, pad_id) if not captions_in_row else _row_captions(placed, where)
     return Batch(
         keys=[s.key for s in placed],
         input_ids=torch.tensor(input_ids, **long),
@@ -142,11 +170,30 @@ def collate(samples: list[Encoded], pad_id: int, packed: bool = False, single_ro
         seq_lens=torch.tensor([lengths[i] for i in order], **long),
         image_spans=_spans([s.text.image_span for s in placed], offsets),
         retrieved_spans=_spans([s.text.retrieved_span for s in placed], offsets),
-        span_rows=torch.tensor(span_rows, **long),
+        span_rows=torch.tensor([where[k, False][0] for k in range(len(placed))], **long),
         pixel_values=torch.stack(images) if images else None,
-        **_captions(placed, pad_id),
+        **captions,
+        cu_seq_lens=bounds if packed else None,
+        max_length=int(bounds.diff().max()) if packed else 0,
         datasets=[s.dataset for s in placed],
     )
+
+
+def _append_captions(segments: list[list[tuple]], captions: list[list[int]], single_row: bool) -> None:
+    """Each caption input as a segment of its own (labels ignored), in sample order: at the end of
+    the one row, or first-fit into the rows' free room (new rows as needed, all as long as the
+    longest segment). A sample without caption gets none."""
+    used = [sum(len(seg[2]) for seg in row) for row in segments]
+    width = max(used + [len(c) for c in captions])
+    for k, caption in enumerate(captions):
+        if not caption:
+            continue
+        r = 0 if single_row else next((r for r, u in enumerate(used) if width - u >= len(caption)), len(used))
+        if r == len(used):
+            used.append(0)
+            segments.append([])
+        used[r] += len(caption)
+        segments[r].append((k, True, caption, [IGNORE_INDEX] * len(caption)))
 
 
 def _place(lengths: list[int], single_row: bool) -> list[list[int]]:
@@ -171,6 +218,19 @@ def _spans(values: list[Span | None], offsets: list[int]) -> torch.Tensor:
                          for v, o in zip(values, offsets)], dtype=torch.long)
 
 
+def _row_captions(samples: list[Encoded], where: dict[tuple[int, bool], tuple[int, int]]) -> dict:
+    spans, rows = [], []
+    for k, s in enumerate(samples):
+        row, offset = where.get((k, True), (0, 0))
+        span = s.text.caption_span if (k, True) in where else None
+        spans.append((span[0] + offset, span[1] + offset) if span is not None else (0, 0))
+        rows.append(row)
+    return {"caption_input_ids": None, "caption_attention_mask": None,
+            "caption_spans": torch.tensor(spans, dtype=torch.long).reshape(-1, 2),
+            "caption_lens": torch.tensor([len(s.text.caption_input_ids) for s in samples], dtype=torch.long),
+            "caption_rows": torch.tensor(rows, dtype=torch.long)}
+
+
 def _captions(samples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     # A sample without caption gets one attended pad token: a fully masked attention row turns
     # into NaN in SDPA. Its caption span stays (0, 0), so it never reaches the loss.
@@ -181,4 +241,5 @@ def _captions(samples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         "caption_attention_mask": torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in captions],
                                                dtype=torch.long),
         "caption_spans": _spans([s.text.caption_span for s in samples], [0] * len(samples)),
+        "caption_lens": torch.tensor([len(s.text.caption_input_ids) for s in samples], dtype=torch.long),
     }

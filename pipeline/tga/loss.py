@@ -76,10 +76,12 @@ def span_means(hidden_states: Sequence[torch.Tensor], spans: torch.Tensor, layer
 
 
 def pool_caption_targets(hidden_states: Sequence[torch.Tensor], caption_spans: torch.Tensor,
-                         layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """t_b^l from the text-only forward's `hidden_states` tuple: ([L,B,D] fp32, valid [B])."""
+                         layers: list[int], span_rows: torch.Tensor | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """t_b^l from the text-only forward's `hidden_states` tuple, or from the caption segments of a
+    packed multimodal forward (`span_rows`): ([L,B,D] fp32, valid [B]), never with a gradient."""
     with torch.no_grad():
-        return span_means(hidden_states, caption_spans, layers)
+        return span_means(hidden_states, caption_spans, layers, span_rows)
 
 
 def tga_loss(lm_loss: torch.Tensor, hidden_states: Sequence[torch.Tensor], image_spans: torch.Tensor,

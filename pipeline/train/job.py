@@ -27,7 +27,7 @@ from pipeline.train.metrics import DatasetCounts
 from pipeline.train.rng import RNGState
 from pipeline.train.run_folder import RunFolder
 from pipeline.train.state import TrainState
-from pipeline.train.step import CaptionTargets
+from pipeline.train.step import CaptionTargets, captions_in_row
 from pipeline.train.tracking import Tracker
 
 log = logging.getLogger("pipeline.train")
@@ -61,8 +61,14 @@ def build_job(cfg: TrainConfig) -> Job:
     if cfg.lora is not None:
         add_lora(assembled.model, cfg.lora)
     trainable = _freeze(assembled, cfg, rank)
-    loader = train_loader(cfg, assembled, rank, world)
     total_steps = dry_run.total_steps(cfg, world)
+    # the cache serves only samples met before: in a single pass it would hold ~10 GB of host RAM
+    # per rank (7B, LCS-558K) and copy targets to the host every step for nothing
+    one_pass = dry_run.total_steps(dataclasses.replace(cfg, epochs=1, max_steps=None), world)
+    cached = cfg.caption_targets_frozen and total_steps > one_pass
+    in_row = cfg.tga.enabled and captions_in_row(cfg.caption_forward, packed=cfg.loader.packing, cached=cached,
+                                                 model=assembled.model)
+    loader = train_loader(cfg, assembled, rank, world, captions_in_row=in_row)
     if total_steps < 1:  # the stage entry's preflight says so first; this holds for other callers
         raise SystemExit(f"{cfg.shards or 'data'}: not enough samples for one optimizer step "
                          f"({world} ranks × batch {cfg.loader.batch_size} × accum {cfg.optim.grad_accum})")
@@ -81,15 +87,16 @@ def build_job(cfg: TrainConfig) -> Job:
     if rank == 0:
         _write_run_files(cfg, run, tracker, ds_config, fresh=not resumed)
     run.rewind(state.step, rank)
-    # the cache serves only samples met before: in a single pass it would hold ~10 GB of host RAM
-    # per rank (7B, LCS-558K) and copy targets to the host every step for nothing
-    one_pass = dry_run.total_steps(dataclasses.replace(cfg, epochs=1, max_steps=None), world)
-    targets = CaptionTargets(cfg.tga.layers, cached=cfg.caption_targets_frozen and total_steps > one_pass)
+    if rank == 0 and cfg.tga.enabled:
+        log.info("TGA caption targets: %s", "from the packed rows" if in_row else
+                 "a separate forward" + (", cached" if cached else ""))
+    targets = CaptionTargets(cfg.tga.layers, cached=cached and not in_row)
     return Job(cfg, rank, world, run, engine, loader, checkpointer, tracker, state, targets, total_steps, resumed,
                datasets)
 
 
-def train_loader(cfg: TrainConfig, assembled: AssembledModel, rank: int, world: int) -> StatefulDataLoader:
+def train_loader(cfg: TrainConfig, assembled: AssembledModel, rank: int, world: int,
+                 captions_in_row: bool = False) -> StatefulDataLoader:
     encoder = SampleEncoder(assembled.tokenizer, assembled.image_processor,
                             num_image_tokens=assembled.num_image_tokens, template=cfg.prompt.template,
                             insert_retrieved=cfg.prompt.insert_retrieved, max_tokens=cfg.prompt.max_tokens,
@@ -97,7 +104,7 @@ def train_loader(cfg: TrainConfig, assembled: AssembledModel, rank: int, world: 
     # flash-attention's varlen path takes one packed row; dense attention prefers several short ones
     attention = assembled.model.config.text_config._attn_implementation
     batch = functools.partial(collate, pad_id=assembled.tokenizer.pad_token_id, packed=cfg.loader.packing,
-                              single_row=attention == "flash_attention_2")
+                              single_row=attention == "flash_attention_2", captions_in_row=captions_in_row)
     return build_loader(dry_run.shard_sets(cfg), rank=rank, world_size=world, cfg=cfg.loader, encode=encoder,
                         collate=batch, seed=cfg.seed)
 

@@ -13,6 +13,20 @@ COSINE = "cos_layer/"  # per-layer cos(i, t) of the TGA loss, a mean over valid 
 RATES = ("samples_per_second", "tokens_per_second")  # per-rank rates add up to the job's
 
 
+def batch_flops(flops, batch, caption_forward: bool) -> float:
+    """Model FLOPs of one micro-step on `batch` (pipeline.train.flops.StepFlops.step): caption
+    segments of packed rows go through the whole step; a separate caption forward counts when it ran."""
+    seq_lens = batch.seq_lens.tolist()
+    images = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
+    captions = [n for n in batch.caption_lens.tolist() if n]
+    if batch.caption_rows is not None:
+        seq_lens, captions = seq_lens + captions, []
+    elif not caption_forward:
+        captions = []
+    logits = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())  # the LM head's positions
+    return flops.step(seq_lens, images, captions, logit_positions=logits)
+
+
 class StepMeter:
     """Accumulates one optimizer step (all its micro-steps) and reports it.
 
@@ -46,10 +60,7 @@ class StepMeter:
         seq_lens = batch.seq_lens.tolist()
         self.tokens += sum(seq_lens)
         if self.flops is not None:
-            images = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
-            captions = batch.caption_attention_mask.sum(dim=1).tolist() if caption_forward else []
-            logits = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())  # the LM head's positions
-            self.model_flops += self.flops.step(seq_lens, images, captions, logit_positions=logits)
+            self.model_flops += batch_flops(self.flops, batch, caption_forward)
         valid = float(parts.get("n_valid", 0))
         self.valid_samples += valid
         for name, value in parts.items():

@@ -101,6 +101,38 @@ def decoder_depth(decoder: torch.nn.Module, depth: int):
             config.tie_last_hidden_states = tie
 
 
+def captions_in_row(choice: str, *, packed: bool, cached: bool, model: torch.nn.Module) -> bool:
+    """Whether the caption targets come from the packed rows (TrainConfig.caption_forward).
+
+    In the row a caption is a segment of its own (positions from 0, no label; varlen / the
+    block-diagonal mask keep it apart), so its hidden states are those of the text-only forward, but
+    computed in training mode: equal only when nothing in the LLM drops out (the separate forward
+    runs in eval mode). It costs the caption tokens through the whole forward and backward (~1% of a
+    LLaVA row) instead of a second pass over the model, which under ZeRO-3 gathers every layer again."""
+    if choice == "separate" or (choice == "auto" and (not packed or cached)):
+        return False
+    dropout = active_dropout(model.model.language_model)
+    if choice == "auto":
+        return not dropout
+    if not packed:
+        raise ValueError("caption_forward=in_row needs packed rows: set loader.packing=true")
+    if dropout:
+        raise ValueError(f"caption_forward=in_row would compute TGA's caption targets with dropout on "
+                         f"({', '.join(dropout[:3])}): use caption_forward=separate (eval mode)")
+    return True
+
+
+def active_dropout(module: torch.nn.Module) -> list[str]:
+    """What drops out in training mode: dropout modules with p > 0 (LoRA's included) and the
+    configuration's attention/hidden dropout rates (applied functionally in transformers)."""
+    found = [name for name, m in module.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    config = getattr(module, "config", None)
+    rates = config.to_dict() if config is not None else {}
+    found += [key for key, value in rates.items() if ("dropout" in key or key.endswith("pdrop"))
+              and isinstance(value, float) and value > 0]
+    return found
+
+
 def tga_forward(engine, batch: Batch, targets_fn: CaptionTargets, step_fraction: float,
                 cfg: TGAConfig) -> tuple[torch.Tensor, dict]:
     """`engine`: a DeepSpeed engine or the bare Llava model (tests, analysis)."""
@@ -117,10 +149,12 @@ def tga_forward(engine, batch: Batch, targets_fn: CaptionTargets, step_fraction:
     kept, next_tokens = next_token_targets(batch.labels)
     try:
         # Packed batches carry position_ids and no attention_mask: transformers derives per-sample
-        # attention from them (flash varlen / block-diagonal mask), which needs use_cache=False.
-        out = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                     position_ids=batch.position_ids, pixel_values=pixel_values,
-                     logits_to_keep=kept, output_hidden_states=True, use_cache=False)
+        # attention from them (block-diagonal mask; flash varlen takes the collate's cu_seq_lens),
+        # which needs use_cache=False.
+        with varlen_arguments(model, batch):
+            out = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         position_ids=batch.position_ids, pixel_values=pixel_values,
+                         logits_to_keep=kept, output_hidden_states=True, use_cache=False)
     finally:
         if hook is not None:
             hook.remove()
@@ -128,9 +162,36 @@ def tga_forward(engine, batch: Batch, targets_fn: CaptionTargets, step_fraction:
     lm_loss = F.cross_entropy(out.logits.float(), next_tokens)
     if not cfg.enabled:
         return lm_loss, {"lm": lm_loss.detach()}
-    targets, valid = targets_fn(model, batch)
+    if batch.caption_rows is not None:
+        # the captions rode in the packed rows: their own segments, no label, pooled without gradient
+        targets, valid = pool_caption_targets(out.hidden_states, batch.caption_spans, cfg.layers,
+                                              batch.caption_rows)
+    else:
+        targets, valid = targets_fn(model, batch)
     return tga_loss(lm_loss, out.hidden_states, batch.image_spans, batch.retrieved_spans,
                     targets, valid, step_fraction, cfg, span_rows=batch.span_rows)
+
+
+@contextlib.contextmanager
+def varlen_arguments(model: torch.nn.Module, batch: Batch):
+    """Hand a packed batch's segment boundaries to the language model's attention calls, and to
+    nothing else: flash-attention's varlen kernels then take them as they are, where transformers
+    would otherwise derive them from position_ids in every layer (~3 device syncs per layer).
+    Llava forwards its extra keyword arguments to the vision tower as well, whose attention would
+    take the LLM's lengths for its own [images, patches] batch: so they go in at the language model
+    (a forward pre-hook), not through the engine's call. SDPA and eager attention ignore them (their
+    block-diagonal mask comes from position_ids)."""
+    if batch.cu_seq_lens is None:
+        yield
+        return
+    lengths = {"cu_seq_lens_q": batch.cu_seq_lens, "cu_seq_lens_k": batch.cu_seq_lens,
+               "max_length_q": batch.max_length, "max_length_k": batch.max_length}
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: (args, {**kwargs, **lengths}), with_kwargs=True)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
