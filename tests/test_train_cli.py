@@ -99,7 +99,7 @@ def fake_checkpoint(run_dir, step: int, world: int) -> None:
     (3, [], "this run finished (step 3 of 3, on 2 ranks); nothing to resume"),  # 2-rank run, rerun with 1
     (2, [], "checkpoint step 2 was written by 2 ranks, this job has 1; resume with 2 ranks"),
     (2, ["checkpoint.resume_step=1"], "checkpoint.resume_step=1: "),
-    (2, ["checkpoint.resume=never"], "checkpoint.resume=never, but it holds checkpoints (steps [2])"),
+    (2, ["checkpoint.resume=never"], "checkpoint.resume is 'never' but "),
 ])
 def test_what_a_resume_would_find_is_checked_before_the_start(world_of_one, tiny_world, shards, tmp_path, capsys,
                                                                saved_step, extra, expected):

@@ -124,6 +124,26 @@ def latest_complete_step(ckpt_dir: str | Path) -> int | None:
     return steps[-1] if steps else None
 
 
+def step_to_resume(ckpt_dir: str | Path, cfg: CheckpointConfig) -> int | None:
+    """The step a run with `cfg` resumes from in `ckpt_dir` (None: it starts fresh), or a
+    CheckpointError when the two disagree. The resume and the stage entry's preflight both ask here."""
+    ckpt_dir = Path(ckpt_dir)
+    complete = saved_steps(ckpt_dir)
+    if cfg.resume == "never":
+        if complete:
+            raise CheckpointError(
+                f"checkpoint.resume is 'never' but {ckpt_dir} holds checkpoints of an earlier run (steps "
+                f"{complete}); a fresh start would mix with them. Use a new run folder, delete that folder, "
+                "or set checkpoint.resume=auto")
+        return None
+    if cfg.resume_step is None:
+        return latest_complete_step(ckpt_dir)
+    if cfg.resume_step not in complete:
+        raise CheckpointError(f"checkpoint.resume_step={cfg.resume_step}: {ckpt_dir / step_tag(cfg.resume_step)} "
+                              f"is not a complete checkpoint; complete steps: {complete or 'none'}")
+    return cfg.resume_step
+
+
 def read_marker(step_dir: str | Path) -> dict[str, Any]:
     path = Path(step_dir) / COMPLETE
     try:
@@ -272,27 +292,13 @@ class Checkpointer:
         return Restored(step=step, rank_state=saved_world == world)
 
     def _step_to_resume(self) -> int | None:
-        complete = saved_steps(self.ckpt_dir)
-        if self.cfg.resume == "never":
-            if complete:
-                raise CheckpointError(
-                    f"checkpoint.resume is 'never' but {self.ckpt_dir} holds checkpoints of an earlier "
-                    f"run (steps {complete}); a fresh start would mix with them. Use a new run folder, "
-                    "delete that folder, or set checkpoint.resume=auto")
-            return None
-        if rank_and_world()[0] == 0:
-            for step in saved_steps(self.ckpt_dir, complete=False):
+        step = step_to_resume(self.ckpt_dir, self.cfg)
+        if self.cfg.resume != "never" and rank_and_world()[0] == 0:
+            for unfinished in saved_steps(self.ckpt_dir, complete=False):
                 log.warning("skipping %s: no %s marker (its save did not finish on every rank)",
-                            self.ckpt_dir / step_tag(step), COMPLETE)
-        if self.cfg.resume_step is None:
-            step = latest_complete_step(self.ckpt_dir)
+                            self.ckpt_dir / step_tag(unfinished), COMPLETE)
             if step is None:
                 log.info("no complete checkpoint in %s: starting at step 0", self.ckpt_dir)
-            return step
-        step = self.cfg.resume_step
-        if step not in complete:
-            raise CheckpointError(f"checkpoint.resume_step={step}: {self.ckpt_dir / step_tag(step)} is not a "
-                                  f"complete checkpoint; complete steps: {complete or 'none'}")
         return step
 
     def _engine_tag(self, step: int, saved_world: int, world: int) -> str:

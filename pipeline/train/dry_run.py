@@ -119,23 +119,15 @@ def _shards(cfg: TrainConfig, world_size: int) -> list[str]:
 
 def _checkpoints(cfg: TrainConfig, world_size: int) -> list[str]:
     """What a resume would find in the run folder: the step it would load, written by how many ranks."""
-    from pipeline.train.checkpoint import CheckpointError, latest_complete_step, read_marker, saved_steps, step_tag
+    from pipeline.train.checkpoint import CheckpointError, read_marker, step_tag, step_to_resume
     from pipeline.train.engine import deepspeed_config
     from pipeline.train.run_folder import RunFolder
 
     ckpt_dir = RunFolder(cfg.run_dir).checkpoints
-    complete = saved_steps(ckpt_dir)
-    resume = cfg.checkpoint
-    if resume.resume == "never":
-        return [f"run_dir={cfg.run_dir}: checkpoint.resume=never, but it holds checkpoints (steps {complete}); "
-                "use a new run_dir or set checkpoint.resume=auto"] if complete else []
-    if resume.resume_step is not None and resume.resume_step not in complete:
-        return [f"checkpoint.resume_step={resume.resume_step}: {ckpt_dir / step_tag(resume.resume_step)} is not a "
-                f"complete checkpoint; complete steps: {complete or 'none'}"]
-    step = resume.resume_step or latest_complete_step(ckpt_dir)
-    if step is None:
-        return []
     try:
+        step = step_to_resume(ckpt_dir, cfg.checkpoint)
+        if step is None:
+            return []
         saved_world = int(read_marker(ckpt_dir / step_tag(step))["world_size"])
     except CheckpointError as err:
         return [_first_line(err)]
