@@ -9,12 +9,16 @@ runs it), AdamW on the trainable parameters. Every timed step is forward + backw
   (a) padded batch, TGA (caption targets from the current weights: the text forward each step)
   (b) the same samples packed into rows as long as the longest sample (dense attention's layout), TGA
   (b1) the same samples packed into one row (flash-attention varlen's layout), TGA
+  (b2) as (b), with the caption inputs as segments of the rows (caption_forward: in_row): no text forward
   (c) padded batch, LM loss only (plain LLaVA stage 2)
   text: the TGA text-side forward alone (no-grad, hidden states only)
 Variants run round-robin with a rotating order; medians. Tokens/s counts real tokens only (the
 padding a padded batch computes on is waste). (b1) on CPU runs SDPA with a block-diagonal mask over
 the whole row, quadratic in the row's length: it is here to show why the CPU/SDPA path packs into
-short rows (b) instead; on GPU flash-attention's varlen kernels skip the masked blocks.
+short rows (b) instead; on GPU flash-attention's varlen kernels skip the masked blocks. (b2)/(b) is
+the compute trade of the captions in the row (their tokens through forward and backward, against a
+separate shallower forward); what it saves under ZeRO-3, a second gather of the model per step, a
+single process does not have.
 """
 from __future__ import annotations
 
@@ -90,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     padded = collate(samples, pad)
     packed = collate(samples, pad, packed=True, single_row=False)
     one_row = collate(samples, pad, packed=True)
+    in_row = collate(samples, pad, packed=True, single_row=False, captions_in_row=True)
     targets = CaptionTargets(tga.layers, cached=False)  # the LLM trains: targets from current weights
     lm_only = dataclasses.replace(tga, align_on=False, pair_on=False)
 
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
 
     seconds = time_round_robin({
-        "a": lambda: step(padded), "b": lambda: step(packed), "b1": lambda: step(one_row),
+        "a": lambda: step(padded), "b": lambda: step(packed), "b1": lambda: step(one_row), "b2": lambda: step(in_row),
         "c": lambda: step(padded, use_tga=False),
         "text": lambda: targets(model, padded)}, args.warmup, args.steps)
     median = {name: statistics.median(values) for name, values in seconds.items()}
@@ -118,11 +123,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.threads} thread(s)")
     print(f"{'variant':50s} {'s/step':>8s} {'tokens/s':>10s}")
     rows = {"a": "(a) padded, TGA", "b": "(b) packed rows, TGA", "b1": "(b1) packed, one row, TGA",
-            "c": "(c) padded, LM loss only"}
+            "b2": "(b2) packed rows, captions in the rows, TGA", "c": "(c) padded, LM loss only"}
     for name, label in rows.items():
         print(f"{label:50s} {median[name]:8.4f} {tokens / median[name]:10.1f}")
     print(f"ratio tokens/s packed/padded (b)/(a) = {median['a'] / median['b']:.3f}")
     print(f"ratio tokens/s one row/padded (b1)/(a) = {median['a'] / median['b1']:.3f}")
+    print(f"ratio step time captions in the rows/separate text forward (b2)/(b) = {median['b2'] / median['b']:.3f}")
     print(f"ratio TGA/plain (a)/(c) = {median['a'] / median['c']:.3f}")
     print(f"TGA text forward alone: {median['text']:.4f} s = {median['text'] / median['a']:.1%} of (a)")
     print(f"load average: {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")

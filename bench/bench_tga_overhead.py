@@ -11,9 +11,13 @@ trainable, LLM and vision tower frozen; every timed step is forward + backward +
   (c) TGA, caption targets uncached                CaptionTargets(cached=False): text forward each step
   (d) the reference's way: eager attention, output_attentions=True on the training forward and on a
       second full forward for the caption's hidden states (same TGA loss on top)
+  (e) TGA with the caption inputs as segments of packed rows (caption_forward: in_row): one forward
+  (f) plain, the same samples packed (the baseline of (e); packing alone changes the step a little)
 Variants run round-robin (rotating order); every figure is CPU seconds of this process
 (`time.process_time`), which other jobs on a shared machine inflate far less than wall time; the
-table gives the median. Goal: (b)/(a) <= 1.10. `--hidden/--layers` swap the tiny LLM for a random
+table gives the median. (e)/(f) is what the captions in the row cost in compute (their tokens through
+forward and backward); what they save under ZeRO-3, a second gather of the model per step, a single
+process does not have. Goal: (b)/(a) <= 1.10. `--hidden/--layers` swap the tiny LLM for a random
 Llama of that size (same tokenizer and vision tower) to show how the ratios move with model size.
 
 `--llava-shape`: the token counts of LLaVA-1.5 stage 1 instead of the tiny world's 16 image
@@ -97,7 +101,8 @@ def llava_tower(hidden: int, layers: int, out: Path) -> Path:
     return out
 
 
-def real_batch(world: WorldPaths, assembled: AssembledModel, prompt: dict, batch_size: int) -> Batch:
+def real_batch(world: WorldPaths, assembled: AssembledModel, prompt: dict, batch_size: int,
+               **layout) -> Batch:
     """The first `batch_size` stage-1 samples, encoded as the loader encodes shard samples; the
     retrieved text is the next sample's caption (a related-but-different text, as retrieval gives)."""
     records = json.loads(world.stage1_json.read_text())[:batch_size + 1]
@@ -116,7 +121,7 @@ def real_batch(world: WorldPaths, assembled: AssembledModel, prompt: dict, batch
         if isinstance(sample, Rejected):
             raise SystemExit(f"{world.stage1_json}: record {record['id']} rejected: {sample.reason}")
         encoded.append(sample)
-    return collate(encoded, assembled.tokenizer.pad_token_id)
+    return collate(encoded, assembled.tokenizer.pad_token_id, **layout)
 
 
 def scaled_llm(world: WorldPaths, hidden: int, layers: int, out: Path, max_positions: int | None = None) -> Path:
@@ -244,6 +249,9 @@ def build_models(llm: Path, tower: Path):
 def run(world: WorldPaths, llm: Path, tower: Path, tga: TGAConfig, prompt: dict, args) -> dict[str, float]:
     main, eager = build_models(llm, tower)
     batch = real_batch(world, main, prompt, args.batch)
+    # SDPA's packed layout (first-fit rows of the longest sample), plain and with the captions in the rows
+    packed = real_batch(world, main, prompt, args.batch, packed=True, single_row=False)
+    in_row = real_batch(world, main, prompt, args.batch, packed=True, single_row=False, captions_in_row=True)
     model, ref_model = main.model, eager.model
     optimizers = {name: torch.optim.AdamW(m.model.multi_modal_projector.parameters(), lr=1e-3)
                   for name, m in (("main", model), ("eager", ref_model))}
@@ -260,6 +268,10 @@ def run(world: WorldPaths, llm: Path, tower: Path, tga: TGAConfig, prompt: dict,
             model, batch, uncached, STEP_FRACTION, tga)),
         "d": lambda: training_step(ref_model, optimizers["eager"], lambda: reference_forward(
             ref_model, batch, STEP_FRACTION, tga)),
+        "e": lambda: training_step(model, optimizers["main"], lambda: tga_forward(
+            model, in_row, uncached, STEP_FRACTION, tga)),
+        "f": lambda: training_step(model, optimizers["main"], lambda: tga_forward(
+            model, packed, uncached, STEP_FRACTION, lm_only)),
         "text": lambda: uncached(model, batch),
         "tower": lambda: vision_forward(model, batch),
     }
@@ -283,12 +295,15 @@ def run(world: WorldPaths, llm: Path, tower: Path, tga: TGAConfig, prompt: dict,
           f"{median['tower'] / median['a']:.1%} of (a)")
     labels = {"a": "(a) plain LLaVA stage 1 (LM loss only)", "b": "(b) TGA, cached caption targets",
               "c": "(c) TGA, uncached (text forward each step)",
-              "d": "(d) reference: eager + attentions, 2nd forward"}
+              "d": "(d) reference: eager + attentions, 2nd forward",
+              "e": "(e) TGA, captions in the packed rows", "f": "(f) plain, packed rows"}
     print(f"{'variant':<48}{'s/step':>10}{'vs (a)':>9}")
     for name, label in labels.items():
         print(f"{label:<48}{median[name]:>10.4f}{median[name] / median['a']:>8.2f}x")
     for name in ("b", "c", "d"):
         print(f"ratio ({name})/(a) = {median[name] / median['a']:.3f}")
+    print(f"ratio (e)/(f) = {median['e'] / median['f']:.3f} (packed rows {tuple(packed.input_ids.shape)}, with the "
+          f"captions {tuple(in_row.input_ids.shape)})")
     print(f"uncached text forward alone: {median['text']:.4f} s = {median['text'] / median['a']:.1%} of (a), "
           f"{median['text'] / median['c']:.1%} of (c)")
     print(f"attention maps materialised per step by (d): {attention_map_megabytes(ref_model, batch):.2f} MB")

@@ -78,6 +78,10 @@ def test_tga_overhead_quick_prints_all_four_variants_and_their_ratios_to_plain(q
     for variant in "bcd":
         (ratio,) = figure(text, rf"^ratio \({variant}\)/\(a\) = {NUMBER}$")
         assert ratio > 0
+    in_row, _ = figure(text, rf"^\(e\) TGA, captions in the packed rows\s+{NUMBER}\s+{NUMBER}x$")
+    packed, _ = figure(text, rf"^\(f\) plain, packed rows\s+{NUMBER}\s+{NUMBER}x$")
+    (ratio,) = figure(text, rf"^ratio \(e\)/\(f\) = {NUMBER} \(packed rows \(\d+, \d+\), with the captions")
+    assert ratio == pytest.approx(in_row / packed, abs=0.01)
     text_forward, share_of_plain, _ = figure(
         text, rf"^uncached text forward alone: {NUMBER} s = {NUMBER}% of \(a\), {NUMBER}% of \(c\)$")
     assert text_forward > 0 and share_of_plain > 0
@@ -119,7 +123,8 @@ def test_stage2_throughput_quick_prints_tokens_per_second_of_padded_and_packed_a
     text = output_of(quick_runs, "bench_stage2_throughput")
     speeds = {}
     for key, label in (("a", r"\(a\) padded, TGA"), ("b", r"\(b\) packed rows, TGA"),
-                       ("b1", r"\(b1\) packed, one row, TGA"), ("c", r"\(c\) padded, LM loss only")):
+                       ("b1", r"\(b1\) packed, one row, TGA"), ("b2", r"\(b2\) packed rows, captions in the rows, TGA"),
+                       ("c", r"\(c\) padded, LM loss only")):
         seconds, tokens_per_second = figure(text, rf"^{label}\s+{NUMBER}\s+{NUMBER}$")
         assert seconds > 0 and tokens_per_second > 0
         speeds[key] = tokens_per_second

@@ -219,22 +219,22 @@ def test_captions_in_the_row_give_the_separate_forwards_targets_loss_and_gradien
         torch.testing.assert_close(row_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_caption_forward_auto_rides_in_the_row_unless_packing_is_off_the_cache_serves_or_dropout_is_on(
+def test_caption_forward_auto_rides_in_the_row_when_the_llm_trains_on_packed_rows_without_dropout(
         assembled, tiny_world):
     model = assembled.model
-    assert captions_in_row("auto", packed=True, cached=False, model=model)
-    assert not captions_in_row("auto", packed=False, cached=False, model=model)
-    assert not captions_in_row("auto", packed=True, cached=True, model=model)
-    assert not captions_in_row("separate", packed=True, cached=False, model=model)
-    assert captions_in_row("in_row", packed=True, cached=True, model=model)
+    assert captions_in_row("auto", packed=True, llm_trains=True, model=model)
+    assert not captions_in_row("auto", packed=False, llm_trains=True, model=model)
+    assert not captions_in_row("auto", packed=True, llm_trains=False, model=model)  # stage 1: the shallow forward
+    assert not captions_in_row("separate", packed=True, llm_trains=True, model=model)
+    assert captions_in_row("in_row", packed=True, llm_trains=False, model=model)
     with pytest.raises(ValueError, match="loader.packing=true"):
-        captions_in_row("in_row", packed=False, cached=False, model=model)
+        captions_in_row("in_row", packed=False, llm_trains=True, model=model)
     torch.manual_seed(0)
     lora = build_llava(ModelConfig(llm=tiny_world.llm, vision_tower=tiny_world.clip))
     add_lora(lora.model, LoraConfig(rank=4, alpha=8, dropout=0.05))
-    assert not captions_in_row("auto", packed=True, cached=False, model=lora.model)
+    assert not captions_in_row("auto", packed=True, llm_trains=True, model=lora.model)
     with pytest.raises(ValueError, match=r"dropout on \(.*lora_dropout.*caption_forward=separate"):
-        captions_in_row("in_row", packed=True, cached=False, model=lora.model)
+        captions_in_row("in_row", packed=True, llm_trains=True, model=lora.model)
 
 
 def test_model_flops_count_caption_segments_as_row_tokens_and_a_separate_forward_only_when_it_ran(assembled, samples):

@@ -46,10 +46,11 @@ class TrainConfig:
     trainable: list[str] = dataclasses.field(default_factory=lambda: ["projector"])
     prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
     tga: TGAConfig = dataclasses.field(default_factory=TGAConfig)
-    # Where the no-grad forward for TGA's caption targets runs: "in_row" = the captions are segments
-    # of the packed rows, so the multimodal forward gives them (no second ZeRO-3 gather of the model
-    # per step); "separate" = a text-only forward of its own (eval mode, cacheable); "auto" = in_row
-    # for packed batches unless the LLM has active dropout or the stage-1 cache would serve.
+    # Where TGA's caption targets come from: "in_row" = the caption inputs are segments of the packed
+    # rows, so the multimodal forward gives them (no second ZeRO-3 gather of the model per step);
+    # "separate" = a no-grad text-only forward up to the deepest alignment layer (eval mode, cacheable
+    # in stage 1); "auto" = in_row for packed batches when the LLM trains and nothing in it drops out
+    # (stage 2), else separate (pipeline/train/step.py: captions_in_row gives the trade).
     caption_forward: Literal["auto", "in_row", "separate"] = "auto"
     loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)

@@ -66,8 +66,8 @@ def build_job(cfg: TrainConfig) -> Job:
     # per rank (7B, LCS-558K) and copy targets to the host every step for nothing
     one_pass = dry_run.total_steps(dataclasses.replace(cfg, epochs=1, max_steps=None), world)
     cached = cfg.caption_targets_frozen and total_steps > one_pass
-    in_row = cfg.tga.enabled and captions_in_row(cfg.caption_forward, packed=cfg.loader.packing, cached=cached,
-                                                 model=assembled.model)
+    in_row = cfg.tga.enabled and captions_in_row(cfg.caption_forward, packed=cfg.loader.packing,
+                                                 llm_trains=not cfg.caption_targets_frozen, model=assembled.model)
     loader = train_loader(cfg, assembled, rank, world, captions_in_row=in_row)
     if total_steps < 1:  # the stage entry's preflight says so first; this holds for other callers
         raise SystemExit(f"{cfg.shards or 'data'}: not enough samples for one optimizer step "

@@ -101,15 +101,20 @@ def decoder_depth(decoder: torch.nn.Module, depth: int):
             config.tie_last_hidden_states = tie
 
 
-def captions_in_row(choice: str, *, packed: bool, cached: bool, model: torch.nn.Module) -> bool:
+def captions_in_row(choice: str, *, packed: bool, llm_trains: bool, model: torch.nn.Module) -> bool:
     """Whether the caption targets come from the packed rows (TrainConfig.caption_forward).
 
-    In the row a caption is a segment of its own (positions from 0, no label; varlen / the
-    block-diagonal mask keep it apart), so its hidden states are those of the text-only forward, but
+    In the row a caption input is a segment of its own (positions from 0, no label; varlen / the
+    block-diagonal mask keep it apart), so its hidden states are the text-only forward's, but
     computed in training mode: equal only when nothing in the LLM drops out (the separate forward
-    runs in eval mode). It costs the caption tokens through the whole forward and backward (~1% of a
-    LLaVA row) instead of a second pass over the model, which under ZeRO-3 gathers every layer again."""
-    if choice == "separate" or (choice == "auto" and (not packed or cached)):
+    runs in eval mode). The trade: the separate forward gathers every ZeRO-3 layer up to the deepest
+    alignment layer a second time per micro-step, while in the row the caption inputs (chat prefix +
+    caption, ~60 tokens per sample with a Llama tokenizer) run through every layer forward and
+    backward. "auto" takes the row when the LLM trains (stage 2: small micro-batches, where that
+    gather is a large share of the step, and a backward that costs 6N per token either way) and the
+    separate, shallower forward when it is frozen (stage 1: a 32-sample row, where the extra compute
+    in the row outweighs the gather on one node; across nodes, set in_row)."""
+    if choice == "separate" or (choice == "auto" and not (packed and llm_trains)):
         return False
     dropout = active_dropout(model.model.language_model)
     if choice == "auto":
