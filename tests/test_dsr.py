@@ -157,9 +157,13 @@ def test_retrieved_texts_are_read_from_retrieval_join_shards_by_record_id(tmp_pa
 def mlflow_run(tmp_path_factory):
     from mlflow import MlflowClient
 
+    from pipeline.mlflow_client import artifact_location
+
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     client = MlflowClient(uri)
-    run = client.create_run(client.create_experiment("tga-tiny"), run_name="stage2-train")
+    # artifacts beside the store, as the training's runs have them (MLflow's default is ./mlruns in the cwd)
+    experiment = client.create_experiment("tga-tiny", artifact_location=artifact_location(uri))
+    run = client.create_run(experiment, run_name="stage2-train")
     return uri, run.info.run_id
 
 
