@@ -88,3 +88,16 @@ def test_stage1_without_checkpointing_would_not_fit_and_the_cli_says_so(folders_
     out = capsys.readouterr().out
     assert exited.value.code == 3 and "a100-80gb: 79.2 GiB usable: typical DOES NOT FIT" in out
     assert "activations" in out and set(GPUS) >= {"a100-40gb", "a100-80gb", "h100-80gb", "h200"}
+
+
+def test_the_plan_counts_the_caption_tokens_where_caption_forward_puts_them_in_the_rows(folders_7b):
+    def caption_row(cfg):
+        return [row for row in plan(cfg, world_size=8).rows if row[0].startswith("activations")][0][3]
+
+    assert "caption tokens in the rows" in caption_row(config_7b(folders_7b, "stage2"))  # auto: the LLM trains
+    assert "caption tokens" not in caption_row(config_7b(folders_7b, "stage2", "caption_forward=separate"))
+    assert "caption tokens" not in caption_row(config_7b(folders_7b, "stage1"))  # frozen LLM: the separate forward
+    assert "caption tokens" not in caption_row(config_7b(folders_7b, "stage2_lora"))  # LoRA dropout
+    assert "caption tokens" in caption_row(config_7b(folders_7b, "stage2_lora", "lora.dropout=0.0"))
+    in_row, separate = (plan(config_7b(folders_7b, "stage2", f"caption_forward={c}"), 8).totals for c in ("in_row", "separate"))
+    assert in_row[0] > separate[0] and in_row[1] > separate[1]

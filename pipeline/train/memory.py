@@ -42,6 +42,7 @@ GPUS = {"a100-40gb": 39.4, "a100-80gb": 79.2, "h100-80gb": 79.1, "h800-80gb": 79
 DEFAULT_TEXT_TOKENS = {"stage1": 100, "stage2": 400}
 ANSWER_SHARE = {"stage1": 0.08, "stage2": 0.5}  # share of a sample's tokens the LM loss reads
 TEMPLATE_TOKENS = 30  # chat template and the retrieved-text frame around the manifest's text estimate
+CAPTION_INPUT_TOKENS = 80  # TGA's caption input (chat prefix + caption) per image sample, Llama tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Shapes:
     largest_layer: int     # parameters of the largest single module (gathered whole by ZeRO-3)
     llm_trains: bool
     lora_inputs: int       # LoRA: input width summed over the adapted linears of one layer (0: no LoRA)
+    dropout: bool = False  # something in the LLM (or its adapters) drops out in training mode
 
 
 @dataclasses.dataclass
@@ -93,6 +95,7 @@ def shapes(cfg: TrainConfig) -> Shapes:
 
     from pipeline.model.assemble import _vision_config, _zero3_init_paused, apply_freeze
     from pipeline.model.lora import add_lora
+    from pipeline.train.step import active_dropout
 
     text = AutoConfig.from_pretrained(cfg.model.llm)
     vision = _vision_config(cfg.model.vision_tower)
@@ -117,7 +120,8 @@ def shapes(cfg: TrainConfig) -> Shapes:
     return Shapes(hidden=text.hidden_size, layers=text.num_hidden_layers, intermediate=text.intermediate_size,
                   kv_hidden=kv_heads * head_dim, vocab=text.vocab_size, image_tokens=config.image_seq_length,
                   vision_hidden=vision.hidden_size, trainable=trainable, frozen=total - trainable,
-                  largest_layer=largest, llm_trains="llm" in cfg.trainable, lora_inputs=lora_inputs)
+                  largest_layer=largest, llm_trains="llm" in cfg.trainable, lora_inputs=lora_inputs,
+                  dropout=bool(active_dropout(model.model.language_model)))
 
 
 def layer_bytes_per_token(s: Shapes) -> int:
@@ -171,8 +175,13 @@ def plan(cfg: TrainConfig, world_size: int, gpu: str | None = None, text_tokens:
 
     per_sample, image_share = sample_tokens(cfg, s, text_tokens)
     batch = cfg.loader.batch_size
-    typical = int(batch * min(per_sample, cfg.prompt.max_tokens))
-    worst = batch * cfg.prompt.max_tokens
+    # caption_forward in the row (pipeline/train/step.py: captions_in_row): the caption inputs join the rows
+    auto = cfg.caption_forward == "auto" and not cfg.caption_targets_frozen and not s.dropout
+    in_row = cfg.tga.enabled and cfg.loader.packing and (cfg.caption_forward == "in_row" or auto)
+    captions = int(batch * image_share * CAPTION_INPUT_TOKENS) if in_row else 0
+    typical = int(batch * min(per_sample, cfg.prompt.max_tokens)) + captions
+    worst = batch * cfg.prompt.max_tokens + captions
+    in_rows = f"; {captions} caption tokens in the rows" if captions else ""
     checkpointing = cfg.model.gradient_checkpointing
     rows = [("model states (DeepSpeed estimator)", states, states,
              f"{s.trainable / 1e6:.1f}M trainable params over {world_size} GPUs"
@@ -183,15 +192,15 @@ def plan(cfg: TrainConfig, world_size: int, gpu: str | None = None, text_tokens:
     if checkpointing:
         rows.append(("activations (checkpointed)", typical * (hidden_states + per_layer),
                      worst * (hidden_states + per_layer),
-                     f"every layer's input + one layer recomputed ({per_layer / 1024:.0f} KiB/token)"))
+                     f"every layer's input + one layer recomputed ({per_layer / 1024:.0f} KiB/token){in_rows}"))
     else:
         rows.append(("activations", typical * s.layers * per_layer, worst * s.layers * per_layer,
-                     f"{per_layer / 1024:.0f} KiB per token per layer x {s.layers} layers"))
+                     f"{per_layer / 1024:.0f} KiB per token per layer x {s.layers} layers{in_rows}"))
         rows.append(("hidden states for TGA", typical * hidden_states, worst * hidden_states,
                      f"{s.layers + 1} layers' outputs (output_hidden_states)"))
     answer = ANSWER_SHARE[cfg.stage]
     logit_bytes = s.vocab * (2 + 4 + 4)
-    rows.append(("logits", typical * answer * logit_bytes, worst * answer * logit_bytes,
+    rows.append(("logits", (typical - captions) * answer * logit_bytes, (worst - captions) * answer * logit_bytes,
                  f"bf16 + fp32 + grad over {s.vocab} tokens at ~{answer:.0%} of positions (the labelled ones)"))
     images = batch * image_share
     image_bytes = images * s.image_tokens * 2 * (s.vision_hidden + 2 * s.hidden)
