@@ -99,5 +99,6 @@ def test_the_plan_counts_the_caption_tokens_where_caption_forward_puts_them_in_t
     assert "caption tokens" not in caption_row(config_7b(folders_7b, "stage1"))  # frozen LLM: the separate forward
     assert "caption tokens" not in caption_row(config_7b(folders_7b, "stage2_lora"))  # LoRA dropout
     assert "caption tokens" in caption_row(config_7b(folders_7b, "stage2_lora", "lora.dropout=0.0"))
-    in_row, separate = (plan(config_7b(folders_7b, "stage2", f"caption_forward={c}"), 8).totals for c in ("in_row", "separate"))
+    in_row, separate = (plan(config_7b(folders_7b, "stage2", f"caption_forward={choice}"), 8).totals
+                        for choice in ("in_row", "separate"))
     assert in_row[0] > separate[0] and in_row[1] > separate[1]

@@ -200,7 +200,8 @@ def plan(cfg: TrainConfig, world_size: int, gpu: str | None = None, text_tokens:
                      f"{s.layers + 1} layers' outputs (output_hidden_states)"))
     answer = ANSWER_SHARE[cfg.stage]
     logit_bytes = s.vocab * (2 + 4 + 4)
-    rows.append(("logits", (typical - captions) * answer * logit_bytes, (worst - captions) * answer * logit_bytes,
+    rows.append(("logits", (typical - captions) * answer * logit_bytes,
+                 (worst - captions) * answer * logit_bytes,
                  f"bf16 + fp32 + grad over {s.vocab} tokens at ~{answer:.0%} of positions (the labelled ones)"))
     images = batch * image_share
     image_bytes = images * s.image_tokens * 2 * (s.vision_hidden + 2 * s.hidden)
