@@ -1,12 +1,15 @@
-"""Shared fixtures: the tiny world (generated once per source revision) and small training shards."""
+"""Shared fixtures: the tiny world (generated once per source revision), small training shards, the
+tiny caption index, a tracking server, and work started in the background at collection."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -16,14 +19,31 @@ import pytest
 
 from pipeline.data.shards import ShardWriter, shard_name, write_manifest
 from pipeline.tinyworld import ensure
-
-_REGENERATION = pytest.StashKey[tuple]()
+from stages import caption_index
+from tests.ds_toy import Scenarios
+from tests.mlflow_server import mlflow_server
 
 REPO = Path(__file__).resolve().parent.parent
 # DeepSpeed's ZeRO optimizer check imports its Muon kernels, whose @torch.compile pulls in all of
 # inductor (seconds per rank at every start); nothing in the tests compiles. Every process the suite
 # starts (stage launches, ablation steps, Slurm jobs, benchmarks) inherits this.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+
+def _own_extension_builds_when_run_through_a_link() -> None:
+    """DeepSpeed JIT-builds its CPU ops (shared-memory all-reduce, CPU Adam) into
+    TORCH_EXTENSIONS_DIR (`make env` prebuilds them per environment). The build command names the
+    interpreter's prefix, and `.venv/bin/python` reaches the environment through another prefix than
+    `make test` (the folder the link points to): a build for one is a rebuild, 0.5-1 min of both
+    cores, for the other, so sessions of both kinds on one machine rebuilt the ops in turn at
+    DeepSpeed starts. A session run through a link keeps its builds apart."""
+    builds, prefix = os.environ.get("TORCH_EXTENSIONS_DIR"), Path(sys.prefix)
+    if builds and prefix.resolve() != prefix:
+        digest = hashlib.sha256(str(prefix).encode()).hexdigest()[:12]
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(builds) / f"prefix-{digest}")
+
+
+_own_extension_builds_when_run_through_a_link()
 
 
 def _tinyworld_cache() -> Path:
@@ -35,10 +55,23 @@ def _tinyworld_cache() -> Path:
     return root / digest.hexdigest()[:16]
 
 
-# tests/test_tinyworld.py regenerates the world from scratch (~2 min of one core) to prove the same
-# seed gives the same bytes. The suite keeps one core idle on average, so that generation starts in
-# the background as soon as collection shows the test will run, and the test waits for its result.
-_WORLD_SCRIPT = """
+# Work that tests read but that depends on nothing they do starts in the background as soon as
+# collection shows that a test needs its fixture, which then waits for the result: the suite keeps
+# about one core idle on average. Each job runs at the lowest priority, so it takes the cycles the
+# tests leave idle rather than half of theirs: in a session of its own whose scheduling group is
+# niced too (Linux shares the CPU between sessions first; a nice value ranks a process only inside
+# its session).
+_LOWEST_PRIORITY = """
+import contextlib, os
+from pathlib import Path
+os.nice(19)
+with contextlib.suppress(OSError):
+    Path("/proc/self/autogroup").write_text("19")
+"""
+_BACKGROUND_JOBS = {
+    # tests/test_tinyworld.py regenerates the world from scratch (~2 min of one core) to prove the
+    # same seed gives the same bytes.
+    "regenerated_world": """
 import json, sys, time
 from pathlib import Path
 import torch
@@ -50,43 +83,74 @@ generate(Path(sys.argv[1]) / "tiny", seed=0)
 restored = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()) == settings
 Path(sys.argv[1], "generation.json").write_text(json.dumps(
     {"seconds": time.perf_counter() - start, "torch_settings_restored": restored}))
-"""
+""",
+    # tests/ds_toy.py's DeepSpeed launches (crash, preemption, resumes; ~1.5 min of 2 cores), which
+    # tests/test_checkpoint.py and tests/test_preemption.py read.
+    "toy": """
+import sys
+from pathlib import Path
+from tests.ds_toy import toy_scenarios
+toy_scenarios(Path(sys.argv[1]) / "ds_toy").save(Path(sys.argv[1]) / "scenarios.json")
+""",
+}
+_BACKGROUND = pytest.StashKey[dict]()
+_SHM_BEFORE = pytest.StashKey[set]()
 
 
 def pytest_collection_finish(session):
-    if session.config.option.collectonly or not any(
-            item.nodeid.startswith("tests/test_tinyworld.py") for item in session.items):
+    if session.config.option.collectonly:
         return
-    folder = Path(tempfile.mkdtemp(prefix="tinyworld-regenerated-"))
-    log = open(folder / "generation.log", "wb")
+    session.config.stash[_SHM_BEFORE] = _shm_buffers()  # before any background job starts a rank
+    needed = {name for item in session.items for name in getattr(item, "fixturenames", ())}
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    session.config.stash[_REGENERATION] = (subprocess.Popen(
-        [sys.executable, "-c", _WORLD_SCRIPT, str(folder)], cwd=REPO, env=env, stdout=log,
-        stderr=subprocess.STDOUT), folder, log)
+    started = {}
+    for fixture, script in _BACKGROUND_JOBS.items():
+        if fixture in needed:
+            folder = Path(tempfile.mkdtemp(prefix=f"background-{fixture}-"))
+            log = open(folder / "job.log", "wb")
+            started[fixture] = (subprocess.Popen(
+                [sys.executable, "-c", _LOWEST_PRIORITY + script, str(folder)], cwd=REPO, env=env,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True), folder, log)
+    session.config.stash[_BACKGROUND] = started
 
 
 def pytest_sessionfinish(session):
-    started = session.config.stash.get(_REGENERATION, None)
-    if started is not None:
-        proc, folder, log = started
+    for proc, folder, log in session.config.stash.get(_BACKGROUND, {}).values():
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # the job and what it started
         proc.wait()
         log.close()
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def regenerated_world(request) -> tuple[Path, dict]:
-    """(root, {"seconds", "torch_settings_restored"}) of the background generation (waited for)."""
-    started = request.config.stash.get(_REGENERATION, None)
+def _background_result(request, fixture: str) -> Path:
+    """The folder of `fixture`'s background job, once the job has finished."""
+    started = request.config.stash.get(_BACKGROUND, {}).get(fixture)
     if started is None:
-        pytest.fail("the background tiny-world generation was not started (pytest_collection_finish)")
+        pytest.fail(f"the background job of {fixture} was not started (pytest_collection_finish)")
     proc, folder, log = started
+    if proc.poll() is None:  # a test waits for it now: back to the tests' priority where allowed
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PGRP, proc.pid, 0)
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{proc.pid}/autogroup").write_text("0")
     if proc.wait() != 0:
         log.flush()
-        pytest.fail(f"tiny world generation failed:\n{(folder / 'generation.log').read_text()[-3000:]}")
+        pytest.fail(f"the background job of {fixture} failed:\n{(folder / 'job.log').read_text()[-3000:]}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def regenerated_world(request) -> tuple[Path, dict]:
+    """(root, {"seconds", "torch_settings_restored"}) of the background generation."""
+    folder = _background_result(request, "regenerated_world")
     return folder / "tiny", json.loads((folder / "generation.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def toy(request):
+    """The launches of tests/ds_toy.py that the multi-rank checkpoint and preemption tests read."""
+    return Scenarios.load(_background_result(request, "toy") / "scenarios.json")
 
 
 SHM = Path("/dev/shm")
@@ -97,11 +161,12 @@ def _shm_buffers() -> set[str]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_shared_memory_left_behind():
+def no_shared_memory_left_behind(request):
     """The suite's own check that it leaves nothing in RAM-backed /dev/shm: every DeepSpeed CPU rank
     it starts, killed ones included, must not leave its 66 MB allreduce buffer behind (the stages
     unlink it right after init: pipeline.train.engine.unlink_shm_buffers)."""
-    before = _shm_buffers()
+    before = request.config.stash.get(_SHM_BEFORE, None)
+    before = _shm_buffers() if before is None else before
     yield
     left = sorted(_shm_buffers() - before)
     assert not left, f"the test session left {len(left)} DeepSpeed buffer(s) in {SHM}: {left}"
@@ -141,6 +206,43 @@ def write_training_shards(world, out: Path, *, samples: int, per_shard: int, see
                              "n_tokens": 64, "has_image": image is not None, "source": f"tiny-{stage}"})
     write_manifest(out / "manifest.parquet", rows)
     return out
+
+
+@pytest.fixture(scope="session")
+def retrieval_python() -> Path:
+    python = REPO / ".retrieval-venv" / "bin" / "python"
+    if not python.exists():
+        pytest.fail(f"{python} is missing: run `make retrieval-env` (the retrieval stages need it)")
+    return python
+
+
+def caption_index_args(world, output_dir: Path, python: Path) -> list[str]:
+    """stages.caption_index's arguments for the tiny world's corpus (configs/tiny/caption_index.yaml)."""
+    return ["--config", str(REPO / "configs/tiny/caption_index.yaml"), f"captions={world.captions}",
+            f"toxic_snippets={world.toxic_snippets}", f"clip_model=hf_clip:{world.clip}",
+            f"output_dir={output_dir}", f"retrieval_python={python}", "captions_per_tar=1000"]
+
+
+@pytest.fixture(scope="session")
+def tiny_index(tiny_world, retrieval_python, tmp_path_factory) -> tuple[Path, dict]:
+    """(folder, stats) of the tiny world's caption index, built once per session by the real stage
+    over a half-written earlier attempt (which must be detected). tests/test_caption_index.py checks
+    it; the ablation suite and the retrieval joins query it (the suite's own caption_index step finds
+    it up to date by its fingerprint)."""
+    output_dir = tmp_path_factory.getbasetemp() / "index"
+    (output_dir / "stats.json").unlink(missing_ok=True)  # whatever was there is now half-written
+    (output_dir / "metadata").mkdir(parents=True, exist_ok=True)
+    (output_dir / "text.index").write_bytes(b"half-written")
+    stats = caption_index.main(caption_index_args(tiny_world, output_dir, retrieval_python))
+    return output_dir, stats
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory):
+    """One real `mlflow server` (a start is ~10 s of 2 cores) for the stage tests that log to one,
+    each into an experiment of its own."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,13 @@ PreemptionFlag the way the training loop does and writes one JSON line per step 
 `<run_dir>/traces/<trace>.rank<r>.jsonl` (losses as float.hex, so comparisons are bit-exact).
 Fault injections (`--crash-*`, `--signal-*`) wrap the engine from outside, never the library.
 
-As a module: `toy_scenarios(workdir)` runs the fixed set of launches the tests share, once per
-pytest session.
+As a module: `toy_scenarios(workdir)` runs the fixed set of launches the tests share (once per
+pytest session, in the background: the `toy` fixture of tests/conftest.py).
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -283,6 +284,16 @@ class Scenarios:
     def events(self, run_dir: Path, name: str, rank: int, event: str) -> list[dict]:
         return [e for e in self.trace(run_dir, name, rank) if e.get("event") == event]
 
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), default=str))
+
+    @classmethod
+    def load(cls, path: Path) -> Scenarios:
+        saved = json.loads(path.read_text())
+        return cls(Path(saved["reference"]), Path(saved["resumed"]),
+                   {name: Launch(**launch) for name, launch in saved["launches"].items()},
+                   saved["files_after_crash"], saved["latest_after_crash"], Path(saved["requeue_log"]))
+
     def assert_succeeded(self, *names: str) -> None:
         for name in names:
             done = self.launches[name]
@@ -304,36 +315,33 @@ def universal_conversion_command(ckpt_dir: Path, step: int) -> list[str]:
             "--num_extract_workers", "1", "--num_merge_workers", "1"]
 
 
-_SCENARIOS: dict[Path, Scenarios] = {}
-
-
 def toy_scenarios(workdir: Path) -> Scenarios:
-    """Run the launches every multi-rank test reads, once per workdir (the pytest session's)."""
-    if workdir in _SCENARIOS:
-        return _SCENARIOS[workdir]
+    """Run the launches every multi-rank test reads (tests/conftest.py runs this once per session)."""
     reference, resumed = workdir / "reference", workdir / "resumed"
     requeue_log = workdir / "scontrol.log"
     recorder = workdir / "scontrol"
     recorder.parent.mkdir(parents=True, exist_ok=True)
     recorder.write_text(f'#!/bin/sh\necho "$@" >> "{requeue_log}"\n')
     recorder.chmod(0o755)
-    launches = {"reference": launch(reference, "reference", "--dump-weights"),
-                # rank 1 dies while saving step 6; steps 2 and 4 are complete
-                "crash": launch(resumed, "crash", "--crash-at-save", "6")}
-    ckpt_dir = resumed / "checkpoints"
-    files_after_crash = sorted(str(p.relative_to(ckpt_dir)) for p in ckpt_dir.rglob("*") if p.is_file())
-    latest_after_crash = (ckpt_dir / "latest").read_text()
-    # resumes from 4; SIGTERM reaches rank 1 only, after step 7; two more land during that save
-    launches["preempted"] = launch(resumed, "preempted", "--signal-at-step", "7", "--signal-during-save", "7",
-                                   "--scontrol", str(recorder), "--slurm-job-id", "4242")
+    # The uninterrupted reference runs beside the crash and the preemption (on 2 cores their
+    # start-ups overlap); nothing of one run is in the other's folder.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as beside:
+        uninterrupted = beside.submit(launch, reference, "reference", "--dump-weights")
+        # rank 1 dies while saving step 6; steps 2 and 4 are complete
+        launches = {"crash": launch(resumed, "crash", "--crash-at-save", "6")}
+        ckpt_dir = resumed / "checkpoints"
+        files_after_crash = sorted(str(p.relative_to(ckpt_dir)) for p in ckpt_dir.rglob("*") if p.is_file())
+        latest_after_crash = (ckpt_dir / "latest").read_text()
+        # resumes from 4; SIGTERM reaches rank 1 only, after step 7; two more land during that save
+        launches["preempted"] = launch(resumed, "preempted", "--signal-at-step", "7", "--signal-during-save", "7",
+                                       "--scontrol", str(recorder), "--slurm-job-id", "4242")
+        launches["reference"] = uninterrupted.result()
     launches["finished"] = launch(resumed, "finished")
     launches["conversion"] = _run(universal_conversion_command(ckpt_dir, 10))
     # one rank: the plain load is refused, the universal one resumes step 10 and trains step 11
     launches["one_rank"] = launch(resumed, "one_rank", "--universal-after-refusal", "--dump-weights",
                                   "--steps", "11", num_ranks=1)
-    _SCENARIOS[workdir] = Scenarios(reference, resumed, launches, files_after_crash, latest_after_crash,
-                                    requeue_log)
-    return _SCENARIOS[workdir]
+    return Scenarios(reference, resumed, launches, files_after_crash, latest_after_crash, requeue_log)
 
 
 def _run(command: list[str]) -> Launch:

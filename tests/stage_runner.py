@@ -1,10 +1,12 @@
 """Run training stages as real processes (1 rank: python -m; N ranks: the launch script)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.mlflow_server import free_port
@@ -40,17 +42,39 @@ def start_stage(module: str, config: str, overrides: list[str], *, ranks: int, l
                             start_new_session=True)
 
 
-def run_stage(*args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
-    proc = start_stage(*args, **kwargs)
+def run_stage(*args, timeout: float = 600, **kwargs) -> subprocess.Popen:
+    return finish_stage(start_stage(*args, **kwargs), kwargs["log"], timeout=timeout)
+
+
+def finish_stage(proc: subprocess.Popen, log: Path, timeout: float = 600) -> subprocess.Popen:
+    """Wait for a started stage (killed past `timeout`, a hang guard); it must exit 0."""
     try:
         proc.wait(timeout=timeout)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-    log = kwargs["log"]
+        _kill(proc)
     if proc.returncode != 0:
         raise AssertionError(f"stage exited {proc.returncode}; log tail:\n{tail(log)}")
     return proc
+
+
+@contextlib.contextmanager
+def alongside(proc: subprocess.Popen, log: Path, timeout: float = 600) -> Iterator[subprocess.Popen]:
+    """The block runs while `proc` does: a started stage independent of the block's runs (an
+    uninterrupted reference beside the interrupted run). At the end of the block it must exit 0
+    (finish_stage); if the block fails it is killed. A run's start-up and exit keep about one of
+    the 2 cores busy, so two runs side by side take much less than one after the other."""
+    try:
+        yield proc
+    except BaseException:
+        _kill(proc)
+        raise
+    finish_stage(proc, log, timeout)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, 9)
+        proc.wait()
 
 
 def tail(path: Path, lines: int = 60) -> str:

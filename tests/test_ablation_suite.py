@@ -54,11 +54,11 @@ def _projector(run_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_a_reduced_suite_fills_every_result_cell_and_only_tga_moves_weights_through_alignment(
-        tiny_world, tmp_path, tmp_path_factory, monkeypatch):
+        tiny_world, tiny_index, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     shards = {stage: write_training_shards(tiny_world, tmp_path / "shards" / stage, samples=48, per_shard=24,
                                            stage=stage) for stage in ("stage1", "stage2")}
-    index = tmp_path_factory.getbasetemp() / "index"  # shared with test_caption_index, test_retrieval_join
+    index, _ = tiny_index  # the session's: the suite's caption_index step finds it up to date
     files = [_reduced(name, tiny_world, tmp_path, index, shards) for name in SUITE]
     out = tmp_path / "results"
     results = ablation.main(["--suite", "--out", str(out), *map(str, files)])

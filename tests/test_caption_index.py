@@ -25,34 +25,9 @@ from pipeline.retrieval.corpus import (Caption, CorpusError, clean_corpus, norma
                                        read_captions, write_clip_input_tars)
 from pipeline.retrieval.index import load_caption_table, open_index, read_index_info
 from stages import caption_index
+from tests.conftest import caption_index_args
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-
-@pytest.fixture(scope="session")
-def retrieval_python() -> Path:
-    python = REPO / ".retrieval-venv" / "bin" / "python"
-    if not python.exists():
-        pytest.fail(f"{python} is missing: run `make retrieval-env` (the retrieval stages need it)")
-    return python
-
-
-def index_args(world, output_dir: Path, python: Path) -> list[str]:
-    return ["--config", str(REPO / "configs/tiny/caption_index.yaml"), f"captions={world.captions}",
-            f"toxic_snippets={world.toxic_snippets}", f"clip_model=hf_clip:{world.clip}",
-            f"output_dir={output_dir}", f"retrieval_python={python}", "captions_per_tar=1000"]
-
-
-@pytest.fixture(scope="session")
-def tiny_index(tiny_world, retrieval_python, tmp_path_factory):
-    """The tiny world's index, built over a half-written earlier attempt (which must be detected)."""
-    output_dir = tmp_path_factory.getbasetemp() / "index"
-    (output_dir / "stats.json").unlink(missing_ok=True)  # whatever was there is now half-written
-    (output_dir / "metadata").mkdir(parents=True, exist_ok=True)
-    (output_dir / "text.index").write_bytes(b"half-written")
-    stats = caption_index.main(index_args(tiny_world, output_dir, retrieval_python))
-    return output_dir, stats
 
 
 # ---- corpus -----------------------------------------------------------------------------------
@@ -253,7 +228,7 @@ def test_index_rows_map_back_to_their_captions_through_the_metadata(tiny_index, 
 def test_rerun_on_unchanged_input_does_nothing(tiny_index, tiny_world, retrieval_python, capsys):
     output_dir, _ = tiny_index
     before = {p: p.stat().st_mtime_ns for p in output_dir.rglob("*")}
-    stats = caption_index.main(index_args(tiny_world, output_dir, retrieval_python))
+    stats = caption_index.main(caption_index_args(tiny_world, output_dir, retrieval_python))
     assert stats["skipped"]
     assert "up to date, nothing done" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in output_dir.rglob("*")} == before

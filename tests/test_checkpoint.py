@@ -21,7 +21,7 @@ from pipeline.train.checkpoint import (
     latest_complete_step, read_marker, retained_steps, saved_steps, trained_weights,
 )
 from pipeline.train.rng import capture_rng_state, restore_rng_state
-from tests.ds_toy import N_SAMPLES, toy_scenarios
+from tests.ds_toy import N_SAMPLES
 
 
 def make_checkpoint(ckpt_dir: Path, step: int, complete: bool = True, world_size: int = 2) -> Path:
@@ -137,11 +137,6 @@ def test_rng_state_from_elsewhere_is_refused_by_missing_generator():
 
 
 # ---------------------------------------------------------------- real ZeRO-3, 2 CPU ranks (slow)
-
-
-@pytest.fixture(scope="session")
-def toy(tmp_path_factory):
-    return toy_scenarios(tmp_path_factory.getbasetemp() / "ds_toy")
 
 
 @pytest.mark.slow

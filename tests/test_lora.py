@@ -28,7 +28,8 @@ from pipeline.train.checkpoint import export_full_state_dict, saved_steps
 from pipeline.train.config import TrainConfig
 from pipeline.train.step import CaptionTargets, tga_forward
 from tests.conftest import write_training_shards
-from tests.stage_runner import REPO, consumed_keys, metrics_by_step, run_stage, stage_overrides, start_stage
+from tests.stage_runner import (REPO, alongside, consumed_keys, metrics_by_step, run_stage, stage_overrides,
+                                start_stage)
 from tests.test_resume import steps_done, wait_for
 
 LAYERS = [2, 3, 4]
@@ -94,9 +95,18 @@ def test_lora_stage2_resumes_exactly_and_exports_a_merged_model_and_a_peft_adapt
             "lora.rank": 8, "lora.alpha": 16, "optim.lr": 1e-3, "checkpoint.every_steps": 2,
             "tracking.plot_every_steps": 0})
 
-    reference = tmp_path / "reference"
-    run_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml", overrides(reference), ranks=2,
-              launch_script="stage2.sh", log=tmp_path / "reference.log")
+    reference, reference_log = tmp_path / "reference", tmp_path / "reference.log"
+    run, log = tmp_path / "run", tmp_path / "run.log"
+    with alongside(start_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml", overrides(reference),
+                               ranks=2, launch_script="stage2.sh", log=reference_log), reference_log):
+        proc = start_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml", overrides(run), ranks=2,
+                           launch_script="stage2.sh", log=log)
+        wait_for(lambda: 2 in saved_steps(run / "checkpoints") and steps_done(run) >= 3, proc, log)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        run_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml", overrides(run), ranks=2,
+                  launch_script="stage2.sh", log=log)
+
     metrics = metrics_by_step(reference)
     assert sorted(metrics) == list(range(1, 7)) and all(m["grad_norm"] > 0 for m in metrics.values())
     # the checkpoint holds what trains: adapters and projector, none of the frozen LLM or tower
@@ -108,14 +118,6 @@ def test_lora_stage2_resumes_exactly_and_exports_a_merged_model_and_a_peft_adapt
     assert params["lora.rank"] == "8" and params["lora.alpha"] == "16"
     assert int(params["trainable_parameters"]) == sum(t.numel() for t in saved.values())
 
-    run, log = tmp_path / "run", tmp_path / "run.log"
-    proc = start_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml", overrides(run), ranks=2,
-                       launch_script="stage2.sh", log=log)
-    wait_for(lambda: 2 in saved_steps(run / "checkpoints") and steps_done(run) >= 3, proc, log)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    run_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml", overrides(run), ranks=2,
-              launch_script="stage2.sh", log=log)
     resumed = metrics_by_step(run)
     for step, row in metrics.items():
         for part in ("lm", "align", "pair", "grad_norm"):

@@ -16,7 +16,6 @@ import pytest
 
 from pipeline.train.checkpoint import saved_steps
 from pipeline.train.preemption import PreemptionFlag, requeue_if_slurm
-from tests.ds_toy import toy_scenarios
 from tests.stage_runner import REPO
 
 
@@ -108,11 +107,6 @@ def test_failed_requeue_raises_with_scontrols_reason_and_the_resubmit_hint(tmp_p
 
 
 # ---------------------------------------------------------------- real ZeRO-3, 2 CPU ranks (slow)
-
-
-@pytest.fixture(scope="session")
-def toy(tmp_path_factory):
-    return toy_scenarios(tmp_path_factory.getbasetemp() / "ds_toy")
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from pipeline.train.checkpoint import saved_steps
 from tests.conftest import write_training_shards
 from tests.http_shards import ShardServer
 from tests.mlflow_server import free_port
-from tests.stage_runner import (REPO, consumed_keys, metrics_by_step, run_stage, stage_env,
+from tests.stage_runner import (REPO, alongside, consumed_keys, metrics_by_step, run_stage, stage_env,
                                 stage_overrides, start_stage, tail)
 
 pytestmark = pytest.mark.slow
@@ -84,38 +84,38 @@ def test_sigterm_then_sigkill_resume_replays_identical_losses_and_samples(tiny_w
 
 
 def interrupted_then_resumed(tiny_world, local, over_http, tmp_path):
-    # The reference also proves `deepspeed launch/stage1.sh` (the launcher runs the script as Python).
-    reference = tmp_path / "reference"
-    with open(tmp_path / "reference.log", "wb") as out:
-        done = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                               "--master_port", str(free_port()), "launch/stage1.sh",
-                               *overrides(tiny_world, local, reference)],
-                              cwd=REPO, env=stage_env(CONFIG="configs/tiny/stage1.yaml"), stdout=out,
-                              stderr=subprocess.STDOUT, timeout=900)
-    assert done.returncode == 0, tail(tmp_path / "reference.log")
-
+    # The reference, run beside the interrupted one, also proves `deepspeed launch/stage1.sh` (the
+    # launcher runs the script as Python).
+    reference, reference_log = tmp_path / "reference", tmp_path / "reference.log"
+    with open(reference_log, "wb") as out:
+        reference_run = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                                          "--master_port", str(free_port()), "launch/stage1.sh",
+                                          *overrides(tiny_world, local, reference)],
+                                         cwd=REPO, env=stage_env(CONFIG="configs/tiny/stage1.yaml"), stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
     run, log = tmp_path / "interrupted", tmp_path / "interrupted.log"
-    # 1. SIGTERM on rank 1 only: both ranks agree at the next step boundary, save the same step, exit 0.
-    proc = start(tiny_world, over_http, run, log)
-    wait_for(lambda: steps_done(run) >= 7, proc, log)
-    os.kill(rank_pid(proc, 1), signal.SIGTERM)
-    assert proc.wait(timeout=300) == 0, tail(log)
-    stopped_at = saved_steps(run / "checkpoints")[-1]
-    assert 7 <= stopped_at < STEPS
-    assert sorted(p.name for p in (run / "checkpoints" / f"global_step{stopped_at}").glob("rank_*.pt")) == \
-        ["rank_0.pt", "rank_1.pt"]
+    with alongside(reference_run, reference_log, timeout=900):
+        # 1. SIGTERM on rank 1 only: both ranks agree at the next step boundary, save the same step, exit 0.
+        proc = start(tiny_world, over_http, run, log)
+        wait_for(lambda: steps_done(run) >= 7, proc, log)
+        os.kill(rank_pid(proc, 1), signal.SIGTERM)
+        assert proc.wait(timeout=300) == 0, tail(log)
+        stopped_at = saved_steps(run / "checkpoints")[-1]
+        assert 7 <= stopped_at < STEPS
+        assert sorted(p.name for p in (run / "checkpoints" / f"global_step{stopped_at}").glob("rank_*.pt")) == \
+            ["rank_0.pt", "rank_1.pt"]
 
-    # 2. Resume, then SIGKILL everything a random number of steps after the next checkpoint.
-    proc = start(tiny_world, over_http, run, log)
-    next_ckpt = (stopped_at // 5 + 1) * 5
-    kill_after = next_ckpt + random.Random().randint(1, 3)
-    wait_for(lambda: next_ckpt in saved_steps(run / "checkpoints") and steps_done(run) >= kill_after, proc, log)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+        # 2. Resume, then SIGKILL everything a random number of steps after the next checkpoint.
+        proc = start(tiny_world, over_http, run, log)
+        next_ckpt = (stopped_at // 5 + 1) * 5
+        kill_after = next_ckpt + random.Random().randint(1, 3)
+        wait_for(lambda: next_ckpt in saved_steps(run / "checkpoints") and steps_done(run) >= kill_after, proc, log)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
-    # 3. Resume to the end.
-    run_stage("stages.stage1_align", "configs/tiny/stage1.yaml", overrides(tiny_world, over_http, run),
-              ranks=2, launch_script="stage1.sh", log=log)
+        # 3. Resume to the end.
+        run_stage("stages.stage1_align", "configs/tiny/stage1.yaml", overrides(tiny_world, over_http, run),
+                  ranks=2, launch_script="stage1.sh", log=log)
 
     expected, got = metrics_by_step(reference), metrics_by_step(run)
     assert sorted(got) == list(range(1, STEPS + 1))

@@ -23,7 +23,7 @@ from pipeline.retrieval import pack, parts
 from pipeline.retrieval.index import CaptionTable
 from pipeline.retrieval.join import _SampleWriter, slice_shards
 from pipeline.retrieval.search import jaccard, words
-from stages import caption_index, retrieval_join
+from stages import retrieval_join
 from tests.test_retrieval_search import make_index_folder, unit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -232,19 +232,7 @@ def test_caption_map_mode_without_a_map_is_a_config_error(small_world):
     assert_refused(join_args(root, model, index, "image_caption=caption_map"), "caption_map needs a caption_map file")
 
 
-# ---- the real thing ---------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def tiny_index(tiny_world, tmp_path_factory):
-    python = REPO / ".retrieval-venv" / "bin" / "python"
-    if not python.exists():
-        pytest.fail(f"{python} is missing: run `make retrieval-env` (the retrieval stages need it)")
-    output_dir = tmp_path_factory.getbasetemp() / "index"  # shared with test_caption_index
-    caption_index.main(["--config", str(REPO / "configs/tiny/caption_index.yaml"), f"captions={tiny_world.captions}",
-                        f"toxic_snippets={tiny_world.toxic_snippets}", f"clip_model=hf_clip:{tiny_world.clip}",
-                        f"output_dir={output_dir}", f"retrieval_python={python}"])
-    return output_dir
-
+# ---- the real thing (the session's tiny index: tests/conftest.py) --------------------------------
 
 def salted_input(world, root: Path) -> tuple[Path, Path, dict[str, str]]:
     """Stage-2 records, 64 per shard: shard 0 = 56 image records + 8 broken ones, shard 1 = the
@@ -289,7 +277,7 @@ def test_join_as_a_two_task_array_writes_every_sample_or_a_reason(tiny_world, ti
     salted, images, reasons = salted_input(tiny_world, tmp_path)
     out = tmp_path / "shards"
     args = ["--config", str(REPO / "configs/tiny/retrieval_join_stage2.yaml"), f"input={salted}",
-            f"image_root={images}", f"index_dir={tiny_index}", f"clip_model=hf_clip:{tiny_world.clip}",
+            f"image_root={images}", f"index_dir={tiny_index[0]}", f"clip_model=hf_clip:{tiny_world.clip}",
             f"caption_map={tiny_world.image_captions}", f"output_dir={out}", "samples_per_shard=64",
             "slice.count=2", "training.world_size=4", "training.loader_workers=2",
             f"retrieval_python={REPO / '.retrieval-venv' / 'bin' / 'python'}"]

@@ -11,8 +11,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from tests.conftest import write_training_shards
-from tests.mlflow_server import mlflow_server
-from tests.stage_runner import consumed_keys, metrics_by_step, run_stage, stage_overrides
+from tests.stage_runner import alongside, consumed_keys, metrics_by_step, run_stage, stage_overrides, start_stage
 
 pytestmark = pytest.mark.slow
 CONFIG = "configs/tiny/stage1.yaml"
@@ -28,13 +27,14 @@ def parity_shards(tiny_world, tmp_path_factory):
 
 
 def test_two_rank_zero3_with_checkpointing_matches_one_rank_without_and_logs_one_mlflow_run(
-        tiny_world, parity_shards, tmp_path):
+        tiny_world, parity_shards, tmp_path, request):
     common = {"loader.batch_size": BATCH, "loader.shuffle_shards": "false", "tracking.plot_every_steps": 3}
-    one = tmp_path / "one_rank"
-    run_stage("stages.stage1_align", CONFIG,
-              stage_overrides(tiny_world, parity_shards, one, **common, **{"optim.grad_accum": 2}),
-              ranks=1, log=tmp_path / "one.log")
-    with mlflow_server(tmp_path / "mlflow") as server:
+    one, one_log = tmp_path / "one_rank", tmp_path / "one.log"
+    one_rank = start_stage("stages.stage1_align", CONFIG,
+                           stage_overrides(tiny_world, parity_shards, one, **common, **{"optim.grad_accum": 2}),
+                           ranks=1, log=one_log)
+    with alongside(one_rank, one_log):  # the two runs side by side
+        server = request.getfixturevalue("tracking_server")  # the session's; if new, it starts beside the run
         two = tmp_path / "two_ranks"
         run_stage("stages.stage1_align", CONFIG,
                   stage_overrides(tiny_world, parity_shards, two, **common,
