@@ -244,7 +244,7 @@ def write_rejects(path: Path, rows: list[dict]) -> None:
 
 
 def read_table_rows(path: Path) -> list[dict]:
-    return pq.read_table(path).to_pylist()
+    return pq.read_table(path, use_threads=False).to_pylist()  # no Arrow pool: see sources.read_manifest
 
 
 def write_stats(path: Path, stats: dict[str, Any]) -> None:

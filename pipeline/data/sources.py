@@ -78,7 +78,10 @@ def read_manifest(manifest: str, columns: list[str], timeout_s: float = READ_TIM
                                 "(run the retrieval_join stage first)")
     data = _read_all(manifest, timeout_s)
     try:
-        return pq.read_table(io.BytesIO(data), columns=columns)
+        # One thread: Arrow's CPU pool, once used on a Python file object, can abort the process at
+        # exit ("terminate called without an active exception", apache/arrow#34314, #50482); seen
+        # here at the end of stage runs under load. A manifest is small: no pool needed.
+        return pq.read_table(io.BytesIO(data), columns=columns, use_threads=False)
     except (OSError, KeyError, ValueError) as err:  # not parquet, a column missing
         raise ShardReadError(f"{manifest}: could not read the manifest ({err})") from None
 
