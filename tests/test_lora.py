@@ -4,8 +4,6 @@ without peft and an adapter export that loads with `peft.PeftModel.from_pretrain
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
@@ -28,9 +26,8 @@ from pipeline.train.checkpoint import export_full_state_dict, saved_steps
 from pipeline.train.config import TrainConfig
 from pipeline.train.step import CaptionTargets, tga_forward
 from tests.conftest import write_training_shards
-from tests.stage_runner import (REPO, alongside, consumed_keys, metrics_by_step, run_stage, stage_overrides,
-                                start_stage)
-from tests.test_resume import steps_done, wait_for
+from tests.stage_runner import REPO, consumed_keys, metrics_by_step, stage_overrides
+from tests.test_resume import reference_beside_a_killed_run, steps_done
 
 LAYERS = [2, 3, 4]
 LORA = LoraConfig(rank=4, alpha=8, dropout=0.0)
@@ -95,17 +92,10 @@ def test_lora_stage2_resumes_exactly_and_exports_a_merged_model_and_a_peft_adapt
             "lora.rank": 8, "lora.alpha": 16, "optim.lr": 1e-3, "checkpoint.every_steps": 2,
             "tracking.plot_every_steps": 0})
 
-    reference, reference_log = tmp_path / "reference", tmp_path / "reference.log"
-    run, log = tmp_path / "run", tmp_path / "run.log"
-    with alongside(start_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml", overrides(reference),
-                               ranks=2, launch_script="stage2.sh", log=reference_log), reference_log):
-        proc = start_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml", overrides(run), ranks=2,
-                           launch_script="stage2.sh", log=log)
-        wait_for(lambda: 2 in saved_steps(run / "checkpoints") and steps_done(run) >= 3, proc, log)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        run_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml", overrides(run), ranks=2,
-                  launch_script="stage2.sh", log=log)
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    reference_beside_a_killed_run("stages.stage2_instruct", "configs/tiny/stage2.yaml", overrides, reference, run,
+                                  lambda run: 2 in saved_steps(run / "checkpoints") and steps_done(run) >= 3,
+                                  launch_script="stage2.sh")
 
     metrics = metrics_by_step(reference)
     assert sorted(metrics) == list(range(1, 7)) and all(m["grad_norm"] > 0 for m in metrics.values())

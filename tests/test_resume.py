@@ -70,6 +70,20 @@ def wait_for(predicate, proc, log, timeout=400):
         time.sleep(0.2)
 
 
+def reference_beside_a_killed_run(module: str, config: str, overrides, reference: Path, run: Path,
+                                  kill_when, launch_script: str) -> None:
+    """The uninterrupted reference beside a 2-rank run that is SIGKILLed once `kill_when(run)` holds
+    (no chance to save) and then resumed to the end; logs `<folder>.log` beside each run folder."""
+    reference_log, log = reference.with_suffix(".log"), run.with_suffix(".log")
+    with alongside(start_stage(module, config, overrides(reference), ranks=2, launch_script=launch_script,
+                               log=reference_log), reference_log):
+        proc = start_stage(module, config, overrides(run), ranks=2, launch_script=launch_script, log=log)
+        wait_for(lambda: kill_when(run), proc, log)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        run_stage(module, config, overrides(run), ranks=2, launch_script=launch_script, log=log)
+
+
 def rank_pid(launcher: psutil.Popen, rank: int) -> int:
     for child in psutil.Process(launcher.pid).children(recursive=True):
         if f"--local_rank={rank}" in " ".join(child.cmdline()):

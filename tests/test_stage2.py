@@ -4,8 +4,6 @@ text-only and image batches at the same step never wait on each other, the decod
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,8 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.train.checkpoint import saved_steps
 from tests.conftest import write_training_shards
-from tests.stage_runner import alongside, consumed_keys, metrics_by_step, run_stage, stage_overrides, start_stage
-from tests.test_resume import steps_done, wait_for
+from tests.stage_runner import consumed_keys, metrics_by_step, run_stage, stage_overrides
+from tests.test_resume import reference_beside_a_killed_run, steps_done
 
 pytestmark = pytest.mark.slow
 
@@ -37,17 +35,11 @@ def test_stage2_trains_mixed_batches_and_a_killed_run_resumes_with_identical_los
             "loader.batch_size": 2, "max_steps": RESUME_STEPS, "model.projector": "null",
             "checkpoint.every_steps": 4, "tracking.plot_every_steps": 0})
 
-    reference, reference_log = tmp_path / "reference", tmp_path / "reference.log"
-    run, log = tmp_path / "run", tmp_path / "run.log"
-    with alongside(start_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml", overrides(reference),
-                               ranks=2, launch_script="stage2.sh", log=reference_log), reference_log):
-        proc = start_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml", overrides(run), ranks=2,
-                           launch_script="stage2.sh", log=log)
-        wait_for(lambda: 4 in saved_steps(run / "checkpoints") and steps_done(run) >= 6, proc, log)
-        os.killpg(proc.pid, signal.SIGKILL)  # mid length-group, mid epoch, no chance to save
-        proc.wait()
-        run_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml", overrides(run), ranks=2,
-                  launch_script="stage2.sh", log=log)
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    reference_log = tmp_path / "reference.log"
+    reference_beside_a_killed_run(  # killed mid length-group, mid epoch, with no chance to save
+        "stages.stage2_instruct", "configs/tiny/stage2.yaml", overrides, reference, run,
+        lambda run: 4 in saved_steps(run / "checkpoints") and steps_done(run) >= 6, launch_script="stage2.sh")
 
     metrics = metrics_by_step(reference)
     assert sorted(metrics) == list(range(1, RESUME_STEPS + 1))

@@ -219,16 +219,16 @@ def _spans(values: list[Span | None], offsets: list[int]) -> torch.Tensor:
 
 
 def _row_captions(samples: list[Encoded], where: dict[tuple[int, bool], tuple[int, int]]) -> dict:
-    spans, rows = [], []
-    for k, s in enumerate(samples):
-        row, offset = where.get((k, True), (0, 0))
-        span = s.text.caption_span if (k, True) in where else None
-        spans.append((span[0] + offset, span[1] + offset) if span is not None else (0, 0))
-        rows.append(row)
+    at = [where.get((k, True)) for k in range(len(samples))]  # (row, offset) of each caption segment
     return {"caption_input_ids": None, "caption_attention_mask": None,
-            "caption_spans": torch.tensor(spans, dtype=torch.long).reshape(-1, 2),
-            "caption_lens": torch.tensor([len(s.text.caption_input_ids) for s in samples], dtype=torch.long),
-            "caption_rows": torch.tensor(rows, dtype=torch.long)}
+            "caption_spans": _spans([s.text.caption_span if a else None for s, a in zip(samples, at)],
+                                    [a[1] if a else 0 for a in at]).reshape(-1, 2),
+            "caption_lens": _caption_lens(samples),
+            "caption_rows": torch.tensor([a[0] if a else 0 for a in at], dtype=torch.long)}
+
+
+def _caption_lens(samples: list[Encoded]) -> torch.Tensor:
+    return torch.tensor([len(s.text.caption_input_ids) for s in samples], dtype=torch.long)
 
 
 def _captions(samples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -241,5 +241,5 @@ def _captions(samples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         "caption_attention_mask": torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in captions],
                                                dtype=torch.long),
         "caption_spans": _spans([s.text.caption_span for s in samples], [0] * len(samples)),
-        "caption_lens": torch.tensor([len(s.text.caption_input_ids) for s in samples], dtype=torch.long),
+        "caption_lens": _caption_lens(samples),
     }
