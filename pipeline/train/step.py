@@ -38,14 +38,15 @@ class CaptionTargets:
         self.forwards = 0
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.cache_size:  # every rank runs the forward: nothing to agree on
+            return self._forward(model, batch)
         keys = batch.keys
-        missing = any(k not in self.cache for k in keys) or not self.cache_size
-        if any_rank(missing)[0]:
+        # a rank whose samples are all cached still joins the forward when another rank's are not
+        if any_rank(any(k not in self.cache for k in keys))[0]:
             targets, valid = self._forward(model, batch)
-            if self.cache_size:
-                for i, key in enumerate(keys):
-                    if len(self.cache) < self.cache_size:
-                        self.cache[key] = (targets[:, i].cpu(), bool(valid[i]))
+            for i, key in enumerate(keys):
+                if len(self.cache) < self.cache_size:
+                    self.cache[key] = (targets[:, i].cpu(), bool(valid[i]))
             return targets, valid
         device = batch.input_ids.device
         targets = torch.stack([self.cache[k][0] for k in keys], dim=1).to(device)
