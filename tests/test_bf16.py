@@ -50,9 +50,12 @@ def test_stage1_stage2_in_the_row_lora_and_the_export_run_in_bf16_on_two_zero3_r
     with alongside(start_stage("stages.stage2_instruct", "configs/tiny/stage2.yaml", lora_overrides, ranks=2,
                                launch_script="stage2.sh", log=lora_log), lora_log):
         run_stage("stages.stage1_align", "configs/tiny/stage1.yaml",
-                  stage_overrides(tiny_world, stage1_shards, stage1, **BF16), ranks=2, launch_script="stage1.sh",
-                  log=stage1.with_suffix(".log"))
+                  stage_overrides(tiny_world, stage1_shards, stage1, **BF16, **{"distributed.timeout_minutes": 45}),
+                  ranks=2, launch_script="stage1.sh", log=stage1.with_suffix(".log"))
     trained_in_bf16(stage1)
+    # read back from the process group's backend: the setting reached torch.distributed
+    assert "over gloo, collective timeout 45 min" in stage1.with_suffix(".log").read_text()
+    assert "collective timeout 60 min" in lora_log.read_text()  # the default
     projector = stage1 / "export" / "projector.safetensors"
     with safe_open(str(projector), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}

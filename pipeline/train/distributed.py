@@ -1,6 +1,8 @@
 """Small collective helpers: every rank calls them at the same point of the loop."""
 from __future__ import annotations
 
+import datetime
+
 import torch
 import torch.distributed as dist
 
@@ -55,6 +57,17 @@ def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+def collective_timeout() -> datetime.timedelta | None:
+    """How long a collective of the default group may wait, as its backend holds it (None when
+    this torch does not expose it)."""
+    group = dist.distributed_c10d._get_default_group()
+    device = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+    try:
+        return group._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def barrier() -> None:

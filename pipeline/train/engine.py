@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import os
 import shutil
@@ -22,6 +23,9 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from pipeline.model.assemble import resolve_dtype
 from pipeline.train.config import TrainConfig
+from pipeline.train.distributed import collective_timeout
+
+log = logging.getLogger("pipeline.train")
 
 # transformers' trainer_config_finalize (integrations/deepspeed.py): h², 0.9·h² and 10·h for the
 # LLM's hidden size h (the Llava config has none of its own; HF then takes text_config's).
@@ -82,6 +86,10 @@ def init_distributed(dev: str, timeout_minutes: float = 60.0) -> tuple[int, int,
                                timeout=datetime.timedelta(minutes=timeout_minutes))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ["LOCAL_RANK"])
+    if rank == 0:
+        timeout = collective_timeout()
+        log.info("process group: %d ranks over %s, collective timeout %s min", world, torch.distributed.get_backend(),
+                 f"{timeout.total_seconds() / 60:g}" if timeout is not None else "unknown")
     if dev != "cuda":
         torch.distributed.barrier()  # every rank has mapped every peer's buffer by now
         unlink_shm_buffers(rank)
