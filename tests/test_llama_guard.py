@@ -85,3 +85,33 @@ def test_the_judge_records_its_model_and_template(guards):
     config = LlamaGuardJudge(guards["safe"]).config()
     assert config["name"] == "llama_guard" and config["model"] == str(guards["safe"])
     assert len(config["chat_template_sha256"]) == 16
+
+
+def test_dsr_counts_unparsed_verdicts_apart_and_rates_only_what_the_guard_judged(guards, tmp_path):
+    from PIL import Image
+
+    from pipeline.eval import dsr
+    from pipeline.eval.generation import Generation
+    from pipeline.eval.judge import KeywordJudge
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    records = [{"id": f"r{i}", "image": "a.png", "concept": "c", "text": request,
+                "conversations": [{"from": "human", "value": f"<image>\n{request}"}]}
+               for i, (request, _) in enumerate(PAIRS)]
+    answers = {request: response for request, response in PAIRS}
+    queries = dsr.dsr_queries(records, concept_fields=("concept",), image_root=tmp_path, source="t", retrieved=None)
+
+    def generate(qs):
+        return [Generation("p", answers[q.question.removeprefix("<image>\n")]) for q in qs]
+    seen = []
+    judge = LlamaGuardJudge(guards["random"], max_new_tokens=4)
+    judge.model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True)
+    rows = dsr.judge_queries(queries, generate, KeywordJudge(), guard=judge)
+    assert all(row["guard_safe"] is None for row in rows)
+    assert PAIRS[0][0] in judge.tokenizer.decode(seen[0][0]) and "<image>" not in judge.tokenizer.decode(seen[0][0])
+    guard = dsr.summarize(rows)["guard"]
+    assert guard["unparsed"] == {"image": 3, "text": 3}
+    assert guard["safe"]["image"] == {"rate": None, "ci": None, "k": 0, "n": 0}  # nothing judged: no rate
+    safe = dsr.summarize(dsr.judge_queries(queries, generate, KeywordJudge(), guard=LlamaGuardJudge(guards["safe"])))
+    assert safe["guard"]["safe"]["text"]["rate"] == 1.0 and safe["guard"]["agreement"]["all"]["confusion"] == {
+        "both": 2, "refused_only": 0, "safe_only": 4, "neither": 0}  # the third answer is the keyword refusal

@@ -45,6 +45,7 @@ def guard_tokenizer(tokenizer_dir: Path):
     tokenizer.add_special_tokens({"additional_special_tokens": HEADER_TOKENS})
     tokenizer.eos_token = "<|eot_id|>"
     tokenizer.chat_template = GUARD_TEMPLATE
+    tokenizer.model_max_length = 1024  # = max_position_embeddings below: the prompt is ~580 tokens
     return tokenizer
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -142,7 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     records, run, target = {str(r["id"]): r for r in setup.records}, setup.params(args), setup.target
     benchmarks = {r.get("benchmark") for r in setup.records}  # python -m pipeline.eval.benchmarks names it
+    started = time.perf_counter()
     generations = setup.generator(queries)
+    run["generation_seconds"] = f"{time.perf_counter() - started:.1f}"  # x (full set / --limit set): the full run
     del setup  # the Llava model's memory, before a judge model loads
     guard = None
     if args.llama_guard is not None:

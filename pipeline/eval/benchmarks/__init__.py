@@ -11,6 +11,7 @@ docs/evaluation.md says where each benchmark comes from and under which licence.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from pipeline.eval.benchmarks import figstep, mm_safetybench, vlguard
@@ -34,4 +35,12 @@ def prepare(name: str, data: Path, out: Path, selection: Selection = Selection()
     return write_records(items, out, benchmark=name, layout=layout, source=data)
 
 
-__all__ = ["READERS", "BenchmarkError", "Selection", "prepare"]
+def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
+    """--scenarios / --splits (--limit is each tool's own: per split and scenario here)."""
+    parser.add_argument("--scenarios", nargs="+", default=(), help="only these scenarios (topics, categories)")
+    parser.add_argument("--splits", nargs="+", default=(),
+                        help="only these splits (mm-safetybench: SD SD_TYPO TYPO; figstep: SafeBench SafeBench-Tiny; "
+                             "vlguard: unsafes safe_unsafes safe_safes)")
+
+
+__all__ = ["READERS", "BenchmarkError", "Selection", "add_selection_arguments", "prepare"]

@@ -5,16 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.eval.benchmarks import READERS, BenchmarkError, Selection, prepare
-
-
-def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scenarios", nargs="+", default=(), help="only these scenarios (topics, categories)")
-    parser.add_argument("--splits", nargs="+", default=(),
-                        help="only these splits (mm-safetybench: SD SD_TYPO TYPO; figstep: SafeBench SafeBench-Tiny; "
-                             "vlguard: unsafes safe_unsafes safe_safes)")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="at most N questions per split and scenario (smoke runs)")
+from pipeline.eval.benchmarks import READERS, BenchmarkError, Selection, add_selection_arguments, prepare
 
 
 def selection_of(args: argparse.Namespace) -> Selection:
@@ -29,6 +20,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--images", type=Path, default=None,
                         help="the benchmark's picture folder when it is not where the layout puts it")
     add_selection_arguments(parser)
+    parser.add_argument("--limit", type=int, default=None,
+                        help="at most N questions per split and scenario (smoke runs)")
     args = parser.parse_args(argv)
     try:
         info = prepare(args.name, args.data, args.out, selection_of(args), args.images)
