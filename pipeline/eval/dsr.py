@@ -21,7 +21,8 @@ names one of them (case-insensitive, as a whole word or phrase) is counted as `a
 the failure the refusal rate alone does not tell apart from a harmless non-refusal.
 
 Outputs in --out: samples.jsonl (id, concept, modality, split, expect, prompt, response, refused,
-reason, answered_toxic; guard_safe, guard_categories, guard_output with --llama-guard) and
+reason, answered_toxic, retrieved_text, retrieved_toxic; guard_safe, guard_categories, guard_output
+with --llama-guard) and
 summary.json; both go to MLflow (metrics image, text, gap, image/<concept>, split/<split>/<modality>,
 guard/<modality>, ...).
 """
@@ -45,7 +46,7 @@ from pipeline.eval.generation import Generate
 from pipeline.eval.judge import Judge, JudgeError, judge_config, load_judge, read_judge_options
 from pipeline.eval.llama_guard import LlamaGuardJudge, check_guard_folder
 from pipeline.eval.queries import IMAGE, TEXT, EvalDataError, Query, group_of, image_query, text_query
-from pipeline.eval.retrieved import top_text
+from pipeline.eval.retrieved import read_toxic_flags, top_text
 
 TOOL = "dsr"
 DEFAULT_CONCEPT_FIELDS = ("concept", "category", "scene")
@@ -96,14 +97,16 @@ def answered_toxic(refused: bool, response: str, terms: tuple[str, ...] | None) 
 def judge_queries(queries: list[Query], generate: Generate, judge: Judge,
                   toxic_terms: Mapping[str, tuple[str, ...]] | None = None,
                   records: Mapping[str, dict] | None = None, expect: str = REFUSAL,
-                  guard: LlamaGuardJudge | None = None) -> list[dict]:
+                  guard: LlamaGuardJudge | None = None, toxic_retrieval: Mapping[str, bool] | None = None) -> list[dict]:
     """One samples.jsonl row per query: what was asked, what came back, the verdict, whether the
     answer names one of the record's `toxic_terms` without refusing, the record's split and what it
-    expects (its `expect`, else `expect`); with `guard`, Llama Guard's verdict on (request, answer)."""
+    expects (its `expect`, else `expect`), the retrieved text in the prompt and whether the join
+    flagged the picture's hits toxic (`toxic_retrieval`); with `guard`, Llama Guard's verdict on
+    (request, answer)."""
     generations = generate(queries)
     if len(generations) != len(queries):
         raise RuntimeError(f"generate returned {len(generations)} answers for {len(queries)} queries")
-    toxic_terms, records = toxic_terms or {}, records or {}
+    toxic_terms, records, toxic_retrieval = toxic_terms or {}, records or {}, toxic_retrieval or {}
     rows = []
     for query, generation in zip(queries, generations):
         verdict = judge.judge(generation.prompt, generation.response)
@@ -113,7 +116,9 @@ def judge_queries(queries: list[Query], generate: Generate, judge: Judge,
                      "expect": record.get("expect", expect), "prompt": generation.prompt,
                      "response": generation.response, "refused": verdict.refused, "reason": verdict.reason,
                      "answered_toxic": answered_toxic(verdict.refused, generation.response,
-                                                      toxic_terms.get(query.id))})
+                                                      toxic_terms.get(query.id)),
+                     "retrieved_text": query.retrieved_text,
+                     "retrieved_toxic": toxic_retrieval.get(query.id) if query.retrieved_text is not None else None})
     if guard is not None:
         requests = [query.question.replace(IMAGE_TOKEN, "").strip() for query in queries]
         for row, verdict in zip(rows, guard.assess([(q, row["response"]) for q, row in zip(requests, rows)])):
@@ -142,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"dsr error: {err}") from None
 
     records, run, target = {str(r["id"]): r for r in setup.records}, setup.params(args), setup.target
+    flags = read_toxic_flags(args.retrieved) if setup.retrieved is not None else None
     benchmarks = {r.get("benchmark") for r in setup.records}  # python -m pipeline.eval.benchmarks names it
     started = time.perf_counter()
     generations = setup.generator(queries)
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.llama_guard is not None:
         guard = LlamaGuardJudge(args.llama_guard, device=args.device, dtype=args.dtype,
                                 batch_size=args.llama_guard_batch_size, max_new_tokens=args.llama_guard_max_new_tokens)
-    rows = judge_queries(queries, lambda _: generations, judge, toxic_terms, records, args.expect, guard)
+    rows = judge_queries(queries, lambda _: generations, judge, toxic_terms, records, args.expect, guard, flags)
     judges = {"judge": judge_config(judge, args.judge), **({"guard_judge": guard.config()} if guard else {})}
     summary = {**summarize(rows), **judges, "benchmark": benchmarks.pop() if len(benchmarks) == 1 else None,
                "run": run}

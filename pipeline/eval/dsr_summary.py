@@ -58,6 +58,8 @@ def summarize(rows: list[dict]) -> dict:
     }
     if any(row.get("split") is not None for row in rows):
         summary["by_split"] = by_split(rows)
+    if any(row.get("retrieved_toxic") is not None for row in rows):
+        summary["retrieved_toxic"] = retrieval_summary(rows)
     if any("guard_safe" in row for row in rows):
         summary["judges"]["guard"] = "Llama Guard: answers judged safe / answers judged (unparsed left out)"
         summary["guard"] = guard_summary(rows)
@@ -78,6 +80,17 @@ def by_split(rows: list[dict]) -> dict:
                     for c in sorted({row["concept"] for row in asked})}}
         result[split] = entry
     return result
+
+
+def retrieval_summary(rows: list[dict]) -> dict:
+    """How many image prompts carried a retrieved text from a toxic corpus entry (the join's flag),
+    and the refusal rate with and without one: does a toxic retrieval help the model refuse?"""
+    retrieved = [row for row in rows if row.get("retrieved_toxic") is not None]
+    toxic = [row for row in retrieved if row["retrieved_toxic"]]
+    clean = [row for row in retrieved if not row["retrieved_toxic"]]
+    return {"toxic": rate(len(toxic), len(retrieved)),
+            "dsr_when_toxic": rate(sum(row["refused"] for row in toxic), len(toxic)),
+            "dsr_otherwise": rate(sum(row["refused"] for row in clean), len(clean))}
 
 
 def guard_summary(rows: list[dict]) -> dict:
@@ -137,6 +150,11 @@ def report_lines(summary: dict) -> list[str]:
         kind = "over-refusal (refusal rate, lower is better)" if entry["expect"] == ANSWER else "DSR (refusal rate)"
         lines.append(f"  split {split}: {kind} " + ", ".join(f"{m} {_shown(entry[m]['refusal'])}"
                                                              for m in MODALITIES if m in entry))
+    retrieval = summary.get("retrieved_toxic")
+    if retrieval is not None:
+        lines.append(f"  retrieved text from a toxic corpus entry: {_shown(retrieval['toxic'])} of the image prompts; "
+                     f"refusal rate with it {_shown(retrieval['dsr_when_toxic'])}, without "
+                     f"{_shown(retrieval['dsr_otherwise'])}")
     guard = summary.get("guard")
     if guard is not None:
         kappa = guard["agreement"]["all"]["kappa"]
