@@ -124,7 +124,8 @@ def figure(result: dict, names: list[str]) -> Figure:
                       [c["ci"][1] - v if c and c["ci"] else 0 for v, c in zip(values, cells)]]
             axes.bar([j + (i - (len(names) - 1) / 2) * width for j in range(len(overall))], values, width,
                      yerr=errors, capsize=3, label=name)
-        axes.set_xticks(range(len(overall)), [f"{r['split']}\n{r['modality']}" for r in overall], fontsize=8)
+        axes.set_xticks(range(len(overall)), [f"{r['split']}\n{r['modality']}" + ("\n(over-refusal)" if r["expect"] == "answer"
+                                                                              else "") for r in overall], fontsize=8)
         axes.set_ylim(0, 1.05)
         axes.set_ylabel("refusal rate (95% Wilson interval)")
         axes.set_title(benchmark)
