@@ -86,7 +86,7 @@ def train_and_save(job: Job, steps: int) -> tuple[list[float], list[float]]:
         job.state.step += 1
         step_seconds.append(time.perf_counter() - started)
         started = time.perf_counter()
-        job.checkpointer.save(job.state.step)  # the loop's own state objects, so the stage can resume it
+        job.checkpointer.save(job.state.step, last_step=True)  # the loop's own state objects, so the stage can resume it
         save_seconds.append(time.perf_counter() - started)
     job.tracker.close("KILLED")  # what a preempted run leaves
     return step_seconds, save_seconds

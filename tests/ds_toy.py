@@ -193,8 +193,7 @@ def main(argv=None) -> int:
             os.kill(os.getpid(), signal.SIGTERM)
         local_flag = flag.is_set
         stop = flag.should_stop()
-        if checkpointer.is_due(progress.step) or stop:
-            checkpointer.save(progress.step)
+        checkpointer.save(progress.step, last_step=stop)
         if stop:
             environ = {"SLURM_JOB_ID": args.slurm_job_id} if args.slurm_job_id else {}
             requeued = requeue_if_slurm(environ, scontrol=args.scontrol)

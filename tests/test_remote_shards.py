@@ -205,7 +205,7 @@ def test_a_config_names_one_set_or_a_mixture(tmp_path, sets):
 
 
 def test_a_shard_error_from_a_loader_worker_is_one_line_naming_the_shard(server):
-    from pipeline.train.loop import data_error_line
+    from pipeline.data.shards import data_error_line
 
     bad = remote_set(server, {0: "cut", 1: "cut", 2: "cut", 3: "cut"})
     with pytest.raises((ShardReadError, ValueError)) as caught:

@@ -277,3 +277,13 @@ def check_shard_count(n_shards: int, world_size: int, workers: int, what: str | 
                f"{readers} shards (lower samples_per_shard in the retrieval_join config) or use fewer workers.")
     warnings.warn(message, ShardCountWarning, stacklevel=2)
     return message
+
+
+def data_error_line(err: Exception) -> str:
+    """The shard error's own message, also when a loader worker raised it (torch then prefixes
+    "Caught … in DataLoader worker process N" and the worker's traceback)."""
+    name = type(err).__name__
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    own = [line.split(": ", 1)[1] for line in lines if line.startswith(f"{name}: ") or
+           line.startswith(f"pipeline.data.shards.{name}: ")]
+    return own[-1] if own else (lines[0] if lines else name)

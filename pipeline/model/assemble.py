@@ -200,6 +200,12 @@ def projector_state_dict(full_state: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
+def projector_weights(projector: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The projector module's own state dict under our export names (its full weights: under ZeRO-3,
+    call it inside a gather)."""
+    return {PROJECTOR_PREFIX + k: v for k, v in projector.state_dict().items()}
+
+
 def save_projector(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path),
               metadata={"format": "pt", "content": "llava multi_modal_projector (mlp2x_gelu)"})

@@ -226,12 +226,12 @@ class Checkpointer:
         self.trainable_only = _has_frozen_parameters(engine) if trainable_only is None else trainable_only
         self._last_saved: int | None = None  # kept in memory: every rank must decide alike
 
-    def is_due(self, step: int) -> bool:
-        """Whether `step` gets a periodic save."""
-        return step > 0 and step % self.cfg.every_steps == 0
-
-    def save(self, step: int) -> Path:
-        """Write checkpoint `step` with the current state of every object."""
+    def save(self, step: int, last_step: bool = False) -> Path | None:
+        """Write checkpoint `step` with the current state of every object when it is due: every
+        `every_steps` steps, and at the run's `last_step` (its end, or a preemption stop). Returns
+        its folder, or None when not due. Every rank calls it at the same steps (a collective)."""
+        if not last_step and (step == 0 or step % self.cfg.every_steps):
+            return None
         tag = step_tag(step)
         step_dir = self.ckpt_dir / tag
         if step == self._last_saved:

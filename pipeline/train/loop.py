@@ -3,6 +3,7 @@ preemption. It only decides *when*; pipeline/train/job.py builds what it drives.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -11,8 +12,8 @@ import time
 import deepspeed
 
 from pipeline.data.batch import Batch
-from pipeline.data.shards import ShardFormatError, ShardReadError
-from pipeline.model.assemble import projector_state_dict, save_projector
+from pipeline.data.shards import ShardFormatError, ShardReadError, data_error_line
+from pipeline.model.assemble import projector_weights, save_projector
 from pipeline.train.config import TrainConfig
 from pipeline.train.distributed import any_rank, barrier, shutdown
 from pipeline.train.flops import StepFlops, peak_flops_per_device
@@ -20,53 +21,39 @@ from pipeline.train.job import Job, build_job
 from pipeline.train.metrics import COSINE, StepMeter, step_line
 from pipeline.train.plots import layer_cosine_figure, save_png
 from pipeline.train.preemption import PreemptionFlag, requeue_if_slurm, signal_names
-from pipeline.train.step import tga_forward
+from pipeline.train.step import train_step
 
 log = logging.getLogger("pipeline.train")
 
 
-def train(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> int:
-    """Runs (or resumes) the job; returns the process exit code (0 also after a preemption save).
-    `preemption`: a flag the entry point installed before its imports (default signals)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    preemption = _preemption_flag(preemption, cfg.preemption_signals)
+def train(cfg: TrainConfig, preemption: PreemptionFlag) -> int:
+    """Runs (or resumes) the job; returns the process exit code (0 also after a preemption save)."""
     job = build_job(cfg)
-    state, engine, targets = job.state, job.engine, job.caption_targets
-    meter = StepMeter(StepFlops.of(engine.module, caption_layers=targets.depth),
+    state, engine = job.state, job.engine
+    meter = StepMeter(StepFlops.of(engine.module, caption_layers=job.caption_targets.depth),
                       peak_flops_per_device(engine.device, cfg.peak_tflops))
-    epochs = AgreedEpochs(job)
-    history: list = []  # (step, {layer: cosine}) for the alignment plot
-    preempted = False
+    epochs, history = AgreedEpochs(job), []  # history: (step, {layer: cosine}) for the alignment plot
     progress = (time.perf_counter(), state.step)
     engine.train()
-    while state.step < job.total_steps:
-        # Agree on a stop before touching the next batch: the saved loader state must not have
-        # consumed a batch that was never trained on.
-        if meter.micro_steps == 0 and preemption.should_stop():
-            preempted = True
-            break
-        waited = time.perf_counter()
-        batch = epochs.next_batch()
-        meter.data_wait(time.perf_counter() - waited)
-        if batch is None:  # the epoch ended on some rank: every rank has started the next one
-            continue
-        forwards = targets.forwards
-        loss, parts = tga_forward(engine, batch.to(engine.device), targets, state.step / job.total_steps, cfg.tga)
-        engine.backward(loss)
-        engine.step()
-        meter.micro(batch, parts, caption_forward=targets.forwards > forwards)  # the host batch: no sync
-        job.datasets.add(batch)
-        job.run.append_ledger(job.rank, state.step, batch.keys)
-        if meter.micro_steps < cfg.optim.grad_accum:
-            continue
+    preempted = False
+    # A stop is agreed before the next batch is touched: the saved loader state then holds no
+    # batch that was fetched but never trained on.
+    while state.step < job.total_steps and not (preempted := preemption.should_stop()):
+        train_step(engine, meter.timed(epochs.next_batch), job.caption_targets, state.step / job.total_steps,
+                   cfg.tga, cfg.optim.grad_accum, functools.partial(_record_micro_step, job, meter))
         state.step += 1
         _log_step(job, meter, history, progress)
         meter.reset()
-        if job.checkpointer.is_due(state.step) and state.step < job.total_steps:
-            job.checkpointer.save(state.step)
-    job.checkpointer.save(state.step)
+        job.checkpointer.save(state.step, last_step=state.step == job.total_steps)
+    if preempted:
+        job.checkpointer.save(state.step, last_step=True)
     return _finish(job, preempted)
+
+
+def _record_micro_step(job: Job, meter: StepMeter, batch: Batch, parts: dict, caption_forward_ran: bool) -> None:
+    meter.micro(batch, parts, caption_forward=caption_forward_ran)  # the host batch: no device sync
+    job.datasets.add(batch)
+    job.run.append_ledger(job.rank, job.state.step, batch.keys)
 
 
 class AgreedEpochs:
@@ -148,21 +135,10 @@ def _export_projector(job: Job) -> None:
     projector = job.engine.module.model.multi_modal_projector
     with deepspeed.zero.GatheredParameters(list(projector.parameters()), modifier_rank=None):
         if job.rank == 0:
-            state = {f"multi_modal_projector.{k}": v for k, v in projector.state_dict().items()}
             job.run.export.mkdir(exist_ok=True)
-            save_projector(projector_state_dict(state), job.run.projector)
+            save_projector(projector_weights(projector), job.run.projector)
             job.tracker.log_artifact(job.run.projector, "export")
     barrier()
-
-
-def data_error_line(err: Exception) -> str:
-    """The shard error's own message, also when a loader worker raised it (torch then prefixes
-    "Caught … in DataLoader worker process N" and the worker's traceback)."""
-    name = type(err).__name__
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    own = [line.split(": ", 1)[1] for line in lines if line.startswith(f"{name}: ") or
-           line.startswith(f"pipeline.data.shards.{name}: ")]
-    return own[-1] if own else (lines[0] if lines else name)
 
 
 def _preemption_flag(early: PreemptionFlag | None, signals: list[str]) -> PreemptionFlag:
@@ -178,6 +154,10 @@ def _preemption_flag(early: PreemptionFlag | None, signals: list[str]) -> Preemp
 
 
 def main(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> None:
+    """The rank process: logging, the preemption flag for the configured signals (keeping a signal
+    the entry's early flag caught), the run, one line for a data error, the exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     preemption = _preemption_flag(preemption, cfg.preemption_signals)
     try:
         code = train(cfg, preemption)

@@ -49,8 +49,15 @@ class StepMeter:
         self.micro_steps = 0
         self.model_flops = 0.0
 
-    def data_wait(self, seconds: float) -> None:
-        self.data_seconds += seconds
+    def timed(self, fetch):
+        """`fetch` (the next batch), its time counted as waiting for data."""
+        def timed_fetch():
+            started = time.perf_counter()
+            try:
+                return fetch()
+            finally:
+                self.data_seconds += time.perf_counter() - started
+        return timed_fetch
 
     def micro(self, batch, parts: dict, caption_forward: bool = False) -> None:
         """`batch`: a pipeline.data.batch.Batch as the loader made it (on the host: its lengths are

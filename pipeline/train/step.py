@@ -139,6 +139,27 @@ def active_dropout(module: torch.nn.Module) -> list[str]:
     return found
 
 
+def train_step(engine, next_batch, targets_fn: CaptionTargets, step_fraction: float, cfg: TGAConfig,
+               grad_accum: int, on_micro_step) -> None:
+    """One optimizer step: `grad_accum` micro-steps of forward, backward and DeepSpeed's step (it
+    applies the update at the last one). `next_batch()` gives a host-side Batch, or None when it
+    started a new epoch (the step then goes on with the next epoch's batches). After each
+    micro-step `on_micro_step(batch, parts, caption_forward_ran)` sees what ran: the batch as the
+    loader made it, the loss parts (device tensors) and whether the separate caption forward ran
+    (it does not when the targets came from the packed rows or the cache)."""
+    done = 0
+    while done < grad_accum:
+        batch = next_batch()
+        if batch is None:
+            continue
+        forwards = targets_fn.forwards
+        loss, parts = tga_forward(engine, batch.to(engine.device), targets_fn, step_fraction, cfg)
+        engine.backward(loss)
+        engine.step()
+        on_micro_step(batch, parts, targets_fn.forwards > forwards)
+        done += 1
+
+
 def tga_forward(engine, batch: Batch, targets_fn: CaptionTargets, step_fraction: float,
                 cfg: TGAConfig) -> tuple[torch.Tensor, dict]:
     """`engine`: a DeepSpeed engine or the bare Llava model (tests, analysis)."""
