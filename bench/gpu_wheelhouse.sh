@@ -69,7 +69,7 @@ import json, re, sys
 norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
 report = json.load(open(sys.argv[1]))["install"]
 found = {norm(item["metadata"]["name"]): item["metadata"] for item in report}
-roots = [norm(line.split("#")[0].strip()) for line in open(sys.argv[2]) if line.split("#")[0].strip()]
+roots = [norm(re.match(r"[A-Za-z0-9._-]+", line).group()) for line in open(sys.argv[2]) if re.match(r"\w", line)]
 keep, todo = set(), [r for r in roots if r in found]
 while todo:
     name = todo.pop()
