@@ -12,21 +12,25 @@
 #
 # Options: --python-version X.Y (default 3.11: the box's `python3 --version`), --platform TAG
 #   (default manylinux_2_28_x86_64; older manylinux tags are accepted with it), --out DIR (default
-#   bench/wheelhouse, ignored by git), --dry-run (print the pip commands, download nothing).
+#   bench/wheelhouse, ignored by git), --without NAME (repeatable: a package the box's Python already
+#   has, e.g. numpy; left out with what only it needs), --dry-run (print the pip commands, download nothing).
 # Variables: PYTHON  the interpreter whose pip resolves, downloads and builds (default: the
 #   checkout's .venv/bin/python, else python3).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-$([[ -x $REPO/.venv/bin/python ]] && echo "$REPO/.venv/bin/python" || echo python3)}
-python_version=3.11 platform=manylinux_2_28_x86_64 out=$REPO/bench/wheelhouse dry_run=0
+python_version=3.11 platform=manylinux_2_28_x86_64 out=$REPO/bench/wheelhouse dry_run=0 without=()
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 fail() { echo "gpu_wheelhouse: $*" >&2; exit 2; }
+# the value of an option: present, and not the next option
+value() { [[ $# -ge 2 && $2 != -* ]] || fail "$1 needs a value (--help lists the options)"; }
 while (($#)); do
   case $1 in
-    --python-version) (($# >= 2)) || fail "--python-version needs a value (e.g. 3.11)"; python_version=$2; shift 2 ;;
-    --platform) (($# >= 2)) || fail "--platform needs a value (e.g. manylinux_2_28_x86_64)"; platform=$2; shift 2 ;;
-    --out) (($# >= 2)) || fail "--out needs a folder"; out=$2; shift 2 ;;
+    --python-version) value "$@"; python_version=$2; shift 2 ;;
+    --platform) value "$@"; platform=$2; shift 2 ;;
+    --out) value "$@"; out=$2; shift 2 ;;
+    --without) value "$@"; without+=("$2"); shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) fail "unknown argument '$1' (--help lists the options)" ;;
@@ -55,7 +59,8 @@ resolve=("$PYTHON" -m pip install --quiet --dry-run --ignore-installed --report 
          -c "$REPO/requirements/main.txt" -c "$REPO/requirements/torch.txt")
 download=("$PYTHON" -m pip download --quiet --no-deps "${target[@]}" -d "$out")
 if ((dry_run)); then
-  printf '%s\n' "${build[*]}" "${resolve[*]}" "${download[*]} <the resolved packages, less torch's own>"
+  printf '%s\n' "${build[*]}" "${resolve[*]}" \
+    "${download[*]} <the resolved packages, less torch's own${without[*]:+ and ${without[*]}}>"
   exit 0
 fi
 
@@ -64,16 +69,17 @@ mkdir -p "$out"
 "${build[@]}"
 "${resolve[@]}"
 # The report's packages reachable from gpu-check.txt without passing through torch: the rest came with torch.
-mapfile -t wanted < <("$PYTHON" - "$work/report.json" "$REPO/requirements/gpu-check.txt" <<'EOF'
+mapfile -t wanted < <("$PYTHON" - "$work/report.json" "$REPO/requirements/gpu-check.txt" "${without[@]}" <<'EOF'
 import json, re, sys
 norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
 report = json.load(open(sys.argv[1]))["install"]
 found = {norm(item["metadata"]["name"]): item["metadata"] for item in report}
 roots = [norm(re.match(r"[A-Za-z0-9._-]+", line).group()) for line in open(sys.argv[2]) if re.match(r"\w", line)]
+boxed = {"torch", "triton", *map(norm, sys.argv[3:])}  # the box's own
 keep, todo = set(), [r for r in roots if r in found]
 while todo:
     name = todo.pop()
-    if name in keep or name == "torch" or name.startswith(("nvidia-", "cuda-")) or name == "triton":
+    if name in keep or name in boxed or name.startswith(("nvidia-", "cuda-")):
         continue
     keep.add(name)
     for requirement in found[name].get("requires_dist", []):
@@ -88,5 +94,6 @@ EOF
 "${download[@]}" "${wanted[@]}"
 count=$(find "$out" -name '*.whl' | wc -l)
 mib=$(du -sm --apparent-size "$out" | cut -f1)
-echo "gpu_wheelhouse: $count wheels, $mib MiB in $out (Python $python_version, $platform), in $((SECONDS - started)) s"
+echo "gpu_wheelhouse: $count wheels, $mib MiB in $out (Python $python_version, $platform${without[*]:+, without ${without[*]}})," \
+     "in $((SECONDS - started)) s"
 echo "largest: $(cd "$out" && ls -S ./*.whl | head -5 | xargs du -m --apparent-size | awk '{printf "%s %s MiB; ", $2, $1}')"

@@ -163,3 +163,80 @@ def _assert_lora_trained(lora: str) -> None:
     losses = [float(x) for x in re.findall(rf"^  step \d: loss {NUMBER} \(lm", lora, re.M)]
     assert len(losses) == 2 and losses[0] != losses[1], lora
     assert "losses finite: yes; the steps changed the loss: yes" in lora
+
+
+def _wheelhouse(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "bench" / "gpu_wheelhouse.sh"), *args], cwd=REPO,
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=60)
+
+
+def test_wheelhouse_dry_run_targets_the_boxs_python_and_platform_and_leaves_torch_out(tmp_path):
+    done = _wheelhouse("--dry-run", "--python-version", "3.12", "--platform", "manylinux_2_28_aarch64",
+                       "--out", str(tmp_path / "wh"), "--without", "numpy")
+    assert done.returncode == 0, done.stderr
+    build, resolve, download = done.stdout.splitlines()
+    assert build.endswith(f"pip wheel --quiet --no-deps -w {tmp_path / 'wh'} deepspeed==0.19.8")  # sdist on PyPI
+    for command in (resolve, download):
+        assert "--only-binary=:all: --python-version 3.12" in command
+        # the glibc 2.28 tag and every older one the box also runs, with their legacy names
+        platforms = re.findall(r"--platform=(\S+)", command)
+        assert platforms[0] == "manylinux_2_28_aarch64" and "manylinux_2_17_aarch64" in platforms
+        assert {"manylinux2014_aarch64", "manylinux1_aarch64"} <= set(platforms)
+    assert "-r " + str(REPO / "requirements" / "gpu-check.txt") in resolve
+    assert "-c " + str(REPO / "requirements" / "main.txt") in resolve  # main.txt's versions
+    assert f"-d {tmp_path / 'wh'}" in download and "less torch's own and numpy" in download
+    assert not (tmp_path / "wh").exists()  # nothing downloaded, nothing built
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--python-version", "3"], "--python-version '3' is not X.Y"),
+    (["--platform", "linux x86"], "--platform 'linux x86' is not a wheel platform tag"),
+    (["--out"], "--out needs a value"),
+    (["--without", "--dry-run"], "--without needs a value"),
+    (["--gpu"], "unknown argument '--gpu' (--help lists the options)"),
+])
+def test_wheelhouse_refuses_bad_arguments_in_one_line(args, message):
+    done = _wheelhouse("--dry-run", *args)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(f"gpu_wheelhouse: {message}") and done.stderr.count("\n") == 1
+
+
+def test_wheelhouse_help_lists_every_option():
+    done = _wheelhouse("--help")
+    assert done.returncode == 0
+    for option in ("--python-version", "--platform", "--out", "--without", "--dry-run", "PYTHON"):
+        assert option in done.stdout
+
+
+def _make_dry_run(tmp_path, *variables: str) -> str:
+    done = subprocess.run(["make", "-n", "env", f"ENV_ROOT={tmp_path}", *variables], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_cuda_environment_is_pypis_cuda_torch_and_the_requirements_without_a_flash_attn_build(tmp_path):
+    plain = _make_dry_run(tmp_path, "HAS_CUDA=1")
+    # `===`: the release itself, never a local CPU build of that version (2.13.0+cpu) that == would take
+    assert re.search(r"pip install -q\s+torch===2\.13\.0 torchvision===0\.28\.0$", plain, re.M), plain
+    assert "flash-attn" not in plain and "gpu.txt" not in plain
+    source = _make_dry_run(tmp_path, "HAS_CUDA=1", "FLASH_ATTN=1")
+    assert "pip install --no-build-isolation -r requirements/gpu.txt" in source
+    wheel = _make_dry_run(tmp_path, "HAS_CUDA=1", "FLASH_ATTN_WHEEL=/wheels/flash_attn-2.8.3-cp311-linux_x86_64.whl")
+    assert "pip install --no-deps /wheels/flash_attn-2.8.3-cp311-linux_x86_64.whl" in wheel
+    indexed = _make_dry_run(tmp_path, "HAS_CUDA=1", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128")
+    assert "--index-url https://download.pytorch.org/whl/cu128 torch==2.13.0 torchvision==0.28.0" in indexed
+    # each choice is an environment of its own (the hash in its folder name)
+    folders = {re.search(rf"ln -sfn ({re.escape(str(tmp_path))}/main-\w+) .venv", out).group(1)
+               for out in (plain, source, wheel, indexed, _make_dry_run(tmp_path, "HAS_CUDA=0"))}
+    assert len(folders) == 5
+
+
+@pytest.mark.parametrize("variables, message", [
+    (["HAS_CUDA=0", "FLASH_ATTN=1"], "flash-attn (FLASH_ATTN=1 or FLASH_ATTN_WHEEL) belongs to the CUDA environment"),
+    (["HAS_CUDA=1", "FLASH_ATTN=1", "FLASH_ATTN_WHEEL=x.whl"], "give either FLASH_ATTN=1 (build from source) or"),
+])
+def test_make_env_refuses_a_flash_attn_choice_that_cannot_hold(tmp_path, variables, message):
+    done = subprocess.run(["make", "-n", "env", f"ENV_ROOT={tmp_path}", *variables], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0 and message in done.stderr
