@@ -268,7 +268,6 @@ def run_stage(stage: str, args, sizes: Sizes, records: list[dict], tmp: Path, dt
     if plan[1]:
         row = {**batches, "flash row": collate(samples, pad, packed=True, single_row=True).to(engine.device)}
         held["flash = sdpa"] = check_flash_equals_sdpa(engine, row, targets, cfg.tga, plan[1], dtype)
-        engine.module.set_attn_implementation(plan[0])
     held["packed = padded"] = check_packed_equals_padded(engine, batches, targets, cfg.tga, dtype)
     plain = dataclasses.replace(cfg.tga, align_on=False, pair_on=False)
     runs = [(f"{layout}, {name}", batches[layout], tga) for layout in ("padded", "packed")

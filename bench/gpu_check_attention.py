@@ -54,14 +54,13 @@ def compare(flash: Measured, sdpa: Measured, tol: Tolerance) -> list[tuple[str, 
     return rows
 
 
-def measure(engine, batch, targets, tga_cfg, attention: str) -> Measured:
-    """A training forward + backward of `batch` with `attention` in every tower; the gradient is
-    read back (ZeRO-3 keeps it partitioned) and dropped, so the weights stay as they were."""
+def measure(engine, batch, targets, tga_cfg) -> Measured:
+    """A training forward + backward of `batch`; the gradient is read back (ZeRO-3 keeps it
+    partitioned) and dropped, so the weights stay as they were."""
     from deepspeed.utils import safe_get_full_grad
 
     from pipeline.train.step import tga_forward
 
-    engine.module.set_attn_implementation(attention)
     loss, parts = tga_forward(engine, batch, targets, 0.0, tga_cfg)
     engine.backward(loss)
     projector = engine.module.model.multi_modal_projector.parameters()
@@ -71,12 +70,28 @@ def measure(engine, batch, targets, tga_cfg, attention: str) -> Measured:
     return Measured({"loss": float(loss.detach()), **{k: float(parts[k]) for k in PARTS[1:]}}, grad)
 
 
+def towers_attention(model) -> dict[str, str]:
+    """The attention of the Llava model and of each tower, in `set_attn_implementation`'s dict form."""
+    config = model.config
+    return {"": config._attn_implementation, "text_config": config.text_config._attn_implementation,
+            "vision_config": config.vision_config._attn_implementation}
+
+
 def check_flash_equals_sdpa(engine, batches: dict, targets, tga_cfg, flash: str, dtype: torch.dtype) -> bool:
     """`flash` on the packed single row against SDPA on the padded batch, same weights; prints the
-    table and returns whether every row is within its bound. The model is left on `flash`."""
-    tol = TOLERANCES[dtype]
-    sdpa = measure(engine, batches["padded"], targets, tga_cfg, "sdpa")
-    candidate = measure(engine, batches["flash row"], targets, tga_cfg, flash)
+    table and returns whether every row is within its bound. The flash side runs the towers as
+    `build_llava` set them up when it chose `flash`; otherwise (eager, the CPU stand-in) `flash` runs in
+    every tower. The model is left as it was built."""
+    tol, model = TOLERANCES[dtype], engine.module
+    built = towers_attention(model)
+    try:
+        if built["text_config"] != flash:
+            model.set_attn_implementation(flash)
+        candidate = measure(engine, batches["flash row"], targets, tga_cfg)
+        model.set_attn_implementation("sdpa")
+        sdpa = measure(engine, batches["padded"], targets, tga_cfg)
+    finally:
+        model.set_attn_implementation(built)
     rows = compare(candidate, sdpa, tol)
     print(f"{flash} (packed, one row) vs sdpa (padded), forward + backward on the same weights "
           f"({str(dtype).removeprefix('torch.')}):")

@@ -50,7 +50,7 @@ def run_lora(args, sizes: Sizes, records: list[dict], tmp: Path, attention: str)
         loss, parts = tga_forward(engine, batch, targets, step / LORA_STEPS, cfg.tga)
         engine.backward(loss)
         engine.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         print(f"  step {step + 1}: loss {losses[-1]:.6f} (lm {float(parts['lm']):.6f}, align "
               f"{float(parts['align']):.6f}, pair {float(parts['pair']):.6f}), {time.perf_counter() - started:.2f} s")
     finite, moved = all(map(math.isfinite, losses)), losses[-1] != losses[0]
