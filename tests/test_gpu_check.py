@@ -240,3 +240,19 @@ def test_make_env_refuses_a_flash_attn_choice_that_cannot_hold(tmp_path, variabl
     done = subprocess.run(["make", "-n", "env", f"ENV_ROOT={tmp_path}", *variables], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode != 0 and message in done.stderr
+
+
+def test_import_check_walks_every_module_of_the_product_but_the_commands():
+    from bench.import_check import product_modules
+
+    on_disk = {".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+               for package in ("pipeline", "stages") for path in (REPO / package).rglob("*.py")}
+    assert set(product_modules()) == {name for name in on_disk if not name.endswith(".__main__")}
+    assert "pipeline.tinyworld.__main__" in on_disk  # `python -m pipeline.tinyworld` generates a world on import
+
+
+def test_import_check_names_each_module_that_does_not_import_and_why():
+    from bench.import_check import import_all
+
+    failed = import_all(["pipeline.atomic", "pipeline.no_such_module"])
+    assert failed == {"pipeline.no_such_module": "ModuleNotFoundError: No module named 'pipeline.no_such_module'"}
