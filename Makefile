@@ -1,4 +1,5 @@
 # Two commands for a newcomer: `make demo` and `make test`. Everything they need is built here.
+# `make check-cuda-env` proves the CUDA environment on a machine without GPU (downloads GBs; not in CI).
 # Environments live outside the checkout, keyed by a hash of everything they install (requirements
 # files, torch pins, wheel index), so every clone of the same revision reuses them:
 # $(ENV_ROOT)/main-<hash>, $(ENV_ROOT)/retrieval-<hash>.
