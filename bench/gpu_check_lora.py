@@ -36,11 +36,12 @@ def run_lora(args, sizes: Sizes, records: list[dict], tmp: Path, attention: str)
     engine, _, _ = ds_engine.initialize(assembled.model, cfg, ds, LORA_STEPS, args.device)
     numel = {n: (getattr(p, "ds_numel", p.numel()), p) for n, p in engine.module.named_parameters()}
     adapters = sorted({str(p.dtype).removeprefix("torch.") for n, (_, p) in numel.items() if is_lora_parameter(n)})
-    trains = sum(count for count, p in numel.values() if p.requires_grad)
-    print(f"\n== LoRA: {LORA_CONFIG}; rank {cfg.lora.rank}, alpha {cfg.lora.alpha} on {', '.join(cfg.lora.target_modules)};"
-          f" trains {' + '.join(cfg.trainable)} + adapters: {trains / 1e6:.4g} M of "
-          f"{sum(count for count, _ in numel.values()) / 1e6:.4g} M parameters ({len(tensors)} tensors); adapters in "
-          f"{', '.join(adapters)}; engine built in {time.perf_counter() - phase:.0f} s")
+    trains = sum(count for count, p in numel.values() if p.requires_grad) / 1e6
+    total = sum(count for count, _ in numel.values()) / 1e6
+    print(f"\n== LoRA: {LORA_CONFIG}; rank {cfg.lora.rank}, alpha {cfg.lora.alpha} on "
+          f"{', '.join(cfg.lora.target_modules)}; trains {' + '.join(cfg.trainable)} + adapters: {trains:.4g} M of "
+          f"{total:.4g} M parameters ({len(tensors)} tensors); adapters in {', '.join(adapters)}; engine built in "
+          f"{time.perf_counter() - phase:.0f} s")
     samples = encode(assembled, cfg, records, "stage2")
     batch = collate(samples, assembled.tokenizer.pad_token_id, packed=cfg.loader.packing,
                     single_row=attention in FLASH_KERNELS).to(engine.device)

@@ -37,7 +37,8 @@ while (($#)); do
   esac
 done
 [[ $python_version =~ ^3\.[0-9]+$ ]] || fail "--python-version '$python_version' is not X.Y (e.g. 3.11)"
-[[ $platform =~ ^[a-z0-9_]+$ ]] || fail "--platform '$platform' is not a wheel platform tag (e.g. manylinux_2_28_x86_64)"
+[[ $platform =~ ^[a-z0-9_]+$ ]] ||
+  fail "--platform '$platform' is not a wheel platform tag (e.g. manylinux_2_28_x86_64)"
 pin() { grep -iE "^$1==" "$REPO/requirements/main.txt" | head -1; }
 deepspeed=$(pin deepspeed) || fail "requirements/main.txt pins no deepspeed"
 # pip takes a manylinux_2_N tag literally: the wheels built for an older glibc (most of them) need
@@ -94,6 +95,7 @@ EOF
 "${download[@]}" "${wanted[@]}"
 count=$(find "$out" -name '*.whl' | wc -l)
 mib=$(du -sm --apparent-size "$out" | cut -f1)
-echo "gpu_wheelhouse: $count wheels, $mib MiB in $out (Python $python_version, $platform${without[*]:+, without ${without[*]}})," \
-     "in $((SECONDS - started)) s"
-echo "largest: $(cd "$out" && ls -S ./*.whl | head -5 | xargs du -m --apparent-size | awk '{printf "%s %s MiB; ", $2, $1}')"
+target_name="Python $python_version, $platform${without[*]:+, without ${without[*]}}"
+echo "gpu_wheelhouse: $count wheels, $mib MiB in $out ($target_name), in $((SECONDS - started)) s"
+largest=$(cd "$out" && ls -S ./*.whl | head -5 | xargs du -m --apparent-size | awk '{printf "%s %s MiB; ", $2, $1}')
+echo "largest: $largest"
