@@ -180,9 +180,20 @@ def test_plain_llava_joins_its_eval_images_for_the_alignment_but_prompts_without
         "retrieval_join ability data", "ability"]
 
 
+def test_the_dsr_join_never_takes_the_refusal_as_caption_and_is_aligned_only_with_real_captions(monkeypatch):
+    monkeypatch.chdir(REPO)
+    real = load_config(AblationConfig, REPO / "configs/ablations/real/iii_tga.yaml")  # image_caption: answer
+    steps = _by_name(plan(real, python="python"))
+    assert "image_caption=none" in steps["retrieval_join dsr data"].argv and "alignment" not in steps
+    assert "image_caption=answer" in steps["retrieval_join ability data"].argv  # VQA answers never leak
+    tiny = _by_name(plan(_tiny("iii_tga"), python="python"))  # caption_map: the toxic scenes' captions
+    assert "image_caption=caption_map" in tiny["retrieval_join dsr data"].argv and "alignment" in tiny
+
+
 def test_the_alignment_step_takes_only_the_eval_options_the_alignment_tool_has(monkeypatch):
     monkeypatch.chdir(REPO)
-    real = load_config(AblationConfig, REPO / "configs/ablations/real/iii_tga.yaml")
+    real = load_config(AblationConfig, REPO / "configs/ablations/real/iii_tga.yaml",
+                       ["eval.join.overrides=[image_caption=retrieved]"])
     assert "--max-new-tokens" in real.eval.args
     assert _by_name(plan(real, python="python"))["alignment"].argv[-6:] == [
         "--device", "cuda", "--dtype", "bf16", "--batch-size", "16"]
@@ -203,6 +214,7 @@ def test_benign_requests_add_an_over_refusal_join_and_dsr_run_that_stays_out_of_
     assert argv[2] == "pipeline.eval.dsr" and argv[argv.index("--data") + 1] == str(requests)
     assert argv[argv.index("--out") + 1] == str(cfg.eval_dir / "over_refusal")
     assert argv[argv.index("--retrieved") + 1] == str(joined) and argv[-1] == "--no-mlflow"
+    assert argv[argv.index("--expect") + 1] == "answer"  # reported as over-refusal, not as DSR
     assert requests in steps["tiny world"].skip_if  # a world without the file is generated again
     assert list(steps)[-2:] == ["retrieval_join ability data", "ability"]
 

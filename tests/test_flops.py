@@ -91,3 +91,41 @@ def test_peak_is_the_override_or_unknown_off_cuda():
     ("NVIDIA A10G", None), ("Tesla V100-SXM2-32GB", None), ("NVIDIA GeForce RTX 4090", None)])
 def test_peak_tflops_match_the_specific_part_before_its_family(name, tflops):
     assert peak_tflops_of(name) == tflops
+
+
+def test_lora_counts_a_frozen_base_and_six_flops_per_adapter_weight_per_token(tiny_world):
+    from pipeline.model.lora import LoraConfig, add_lora, is_lora_parameter
+
+    assembled = build_llava(ModelConfig(llm=tiny_world.llm, vision_tower=tiny_world.clip))
+    add_lora(assembled.model, LoraConfig(rank=2, alpha=4, dropout=0.0))
+    apply_freeze(assembled.model, ["projector"], lora=True)
+    flops = StepFlops.of(assembled.model)
+    adapters = sum(p.numel() for n, p in assembled.model.named_parameters() if is_lora_parameter(n))
+    assert flops.adapter_params == adapters > 0
+    assert flops.llm_params == llama_matmul_params(assembled.model.config.text_config)  # the base alone
+    assert not flops.llm_trains, "under LoRA the base weights are frozen: 4N, not 6N"
+    base = StepFlops(**{**flops.__dict__, "adapter_params": 0})
+    assert flops.step([3, 2], 0) - base.step([3, 2], 0) == 6 * adapters * 5
+
+
+def test_packed_attention_is_counted_per_sample_not_per_row():
+    flops = StepFlops(llm_params=0, llm_layers=1, llm_hidden=1, llm_trains=False, vision_params=0,
+                      vision_layers=1, vision_hidden=1, vision_tokens=1, projector_params=0)
+    assert flops.step([3, 2], 0) == 3 * 2 * (9 + 4) < 3 * 2 * 25
+
+
+def test_meter_sums_loss_parts_as_tensors_and_reads_them_once_per_report(assembled):
+    """No host sync per micro-step: parts stay tensors until the step is reported, and the numbers
+    equal Python float sums (float64, as before)."""
+    text = type("T", (), {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "image_span": None,
+                          "retrieved_span": None, "caption_input_ids": [], "caption_span": None})()
+    batch = collate([Encoded("k", text, pixel_values=None)], pad_id=0)
+    meter = StepMeter()
+    values = [(0.1, 0.7), (0.2, 0.3), (0.3, 0.9)]
+    for lm, cosine in values:
+        meter.micro(batch, {"lm": torch.tensor(lm), "cos_layer/2": torch.tensor(cosine), "n_valid": torch.tensor(2.0)})
+    assert isinstance(meter.parts["lm"], torch.Tensor) and isinstance(meter.valid_samples, torch.Tensor)
+    report = meter.report()
+    assert report["lm"] == sum(float(torch.tensor(lm)) for lm, _ in values) / 3
+    expected = sum(float(torch.tensor(c)) * 2.0 for _, c in values) / 6.0
+    assert report["cos_layer/2"] == expected

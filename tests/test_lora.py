@@ -159,3 +159,14 @@ def test_lora_stage2_resumes_exactly_and_exports_a_merged_model_and_a_peft_adapt
             a, b = plain(**inputs).logits, peft(**inputs).logits
         # merging adds B @ A into each weight: the same function up to fp32 rounding
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_adapters_take_the_dtype_of_a_bf16_model_so_zero3_sees_one_dtype(tiny_world):
+    """peft's default upcasts adapters to fp32 beside bf16 base weights; ZeRO-3 then refuses the
+    model at deepspeed.initialize (the bf16 lane, tests/test_bf16.py, runs that for real)."""
+    assembled = build_llava(ModelConfig(llm=tiny_world.llm, vision_tower=tiny_world.clip, dtype="bf16",
+                                        attn_implementation="sdpa"), "cpu")
+    add_lora(assembled.model, LORA)
+    adapters = {n: p.dtype for n, p in assembled.model.named_parameters() if is_lora_parameter(n)}
+    assert adapters and set(adapters.values()) == {torch.bfloat16}
+    assert {p.dtype for p in assembled.model.parameters()} == {torch.bfloat16}

@@ -238,8 +238,9 @@ def test_auto_attention_is_flash_only_on_cuda_in_half_precision_with_an_importab
     assert resolve_attention("eager", "cuda", torch.bfloat16) == "eager"  # an explicit choice stands
 
 
-def test_a_flash_attn_that_does_not_import_falls_back_to_sdpa_with_a_warning(flash_attn_package, caplog):
+def test_a_flash_attn_that_does_not_import_falls_back_to_torchs_own_flash_kernels_with_a_warning(
+        flash_attn_package, caplog):
     flash_attn_package(works=False)
     with caplog.at_level("WARNING"):
-        assert resolve_attention("auto", "cuda", torch.bfloat16) == "sdpa"
+        assert resolve_attention("auto", "cuda", torch.bfloat16) == "torch_varlen"
     assert "undefined symbol" in caplog.text

@@ -168,6 +168,28 @@ def test_varlen_lengths_reach_the_llm_attention_and_never_the_vision_tower(assem
         assert not [key for key in seen[name] if "seq_len" in key or "max_length" in key], name
 
 
+def test_the_vision_tower_keeps_only_the_hidden_state_the_projector_reads(assembled, samples):
+    """The engine asks for hidden states (TGA reads the LLM's); the tower must not keep all of its
+    own for that, and the image features stay those of vision_feature_layer."""
+    batch = collate(samples, assembled.tokenizer.pad_token_id, packed=True)
+    llava = assembled.model.model
+    kept = []
+    hook = llava.vision_tower.register_forward_hook(
+        lambda module, args, output: kept.append([h is not None for h in output.hidden_states]))
+    try:
+        loss, parts, _ = forward(assembled.model, batch)
+    finally:
+        hook.remove()
+    layers = assembled.model.config.vision_config.num_hidden_layers
+    assert kept and all(len(flags) == layers + 1 and sum(flags) == 1 for flags in kept)
+    assert kept[0][assembled.model.config.vision_feature_layer]
+    with torch.no_grad():
+        everything = llava.vision_tower(batch.pixel_values, output_hidden_states=True).hidden_states
+        features = llava.get_image_features(pixel_values=batch.pixel_values, vision_feature_layer=-2,
+                                            vision_feature_select_strategy="default").pooler_output
+    torch.testing.assert_close(features[0], llava.multi_modal_projector(everything[-2][:, 1:])[0])
+
+
 def test_captions_in_the_packed_row_are_segments_of_their_own_after_the_samples(assembled, samples):
     pad = assembled.tokenizer.pad_token_id
     plain = collate(samples, pad, packed=True)

@@ -158,6 +158,23 @@ def test_stage1_samples_use_their_answer_as_caption_and_never_retrieve_it(tmp_pa
     assert set(meta) >= {"key", "source", "conversations", "image_caption", "retrieved", "toxic"}
 
 
+def test_eval_images_without_a_caption_keep_the_top_hits_and_never_take_the_answer_as_caption(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.retrieval.config import RetrievalJoinConfig
+    cfg = load_config(RetrievalJoinConfig, None, [f"input={tmp_path}", f"image_root={tmp_path}",
+                                                  f"index_dir={tmp_path}", "clip_model=hf_clip:x", "search.k=2",
+                                                  "image_caption=none"])
+    captions = CaptionTable(["I'm sorry, I cannot help with that.", "a toxic recipe", "a blue star"],
+                            ["c0", "c1", "c2"], np.array([False, True, False]))
+    writer = _SampleWriter(cfg, captions, None, "bench", {"s1": 0},
+                           np.array([[0.9, 0.8, 0.7]], np.float32), np.array([[0, 1, 2]]))
+    refusal = record(1, "a/s1.jpg", answer="I'm sorry, I cannot help with that.")["conversations"]
+    meta = writer.sample_json(LlavaSample("s1", "s1", 0, "a/s1.jpg", refusal))
+    assert meta["image_caption"] == ""  # the refusal of a toxic record is no caption of its picture
+    assert [hit["caption_id"] for hit in meta["retrieved"]] == ["c0", "c1"] and meta["toxic"] is True
+    assert writer.counts["caption_from_retrieval"] == 0 and writer.counts["dropped_self_or_near_duplicate"] == 0
+
+
 # ---- whole-input errors: before any work -----------------------------------------------------------
 
 @pytest.fixture

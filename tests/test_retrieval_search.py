@@ -97,6 +97,13 @@ def test_without_ground_truth_the_best_hit_becomes_the_caption_and_its_near_dupl
     assert [h.caption_id for h in hits] == ["c2", "c3"] and dropped == 1
 
 
+def test_unlabelled_eval_images_keep_their_best_hits_and_get_no_caption():
+    truth, hits, dropped = retrieve(np.array([0, 1, 2, 3]), np.array([0.9, 0.8, 0.7, 0.6], np.float32), CAPTIONS,
+                                    ground_truth=None, own_caption_ids=frozenset(), k=2,
+                                    near_duplicate_jaccard=0.8, caption_from_retrieval=False)
+    assert truth is None and [h.caption_id for h in hits] == ["c0", "c1"] and dropped == 0
+
+
 def test_hit_json_is_the_shard_contract():
     _, hits, _ = hits_of([2], ground_truth="x")
     assert set(hits[0].as_json()) == {"text", "score", "caption_id"}

@@ -132,7 +132,9 @@ def plan(cfg: AblationConfig, python: str = sys.executable) -> list[Step]:
         joined = retrieved_dir(cfg) / name
         steps.append(_eval_join(cfg, py, name, path, joined))
         steps.append(_eval_tool(cfg, py, name, path, joined))
-        if name == "dsr":  # the toxic images' join carries their scene captions: cos at every layer
+        # the toxic images' join carries their scene captions (caption_map): cos at every layer; a
+        # join without captions (image_caption none) has nothing to align the pictures with
+        if name == "dsr" and eval_join_caption(cfg, name) != "none":
             steps.append(Step("alignment", [
                 *py, "pipeline.analysis.alignment", "--model", str(model), "--shards", str(joined),
                 "--out", str(cfg.eval_dir / "alignment"), "--no-mlflow", "--include-toxic",
@@ -154,14 +156,25 @@ def eval_files(cfg: AblationConfig) -> dict[str, Path]:
     return files
 
 
+def eval_join_caption(cfg: AblationConfig, name: str) -> str:
+    """The eval join's image_caption mode for eval file `name`, after the ablation's overrides (the
+    YAML as written: its inputs need not exist when the plan is made). The gpt turn of a DSR record
+    is a refusal, never a caption of its picture: `answer` becomes `none` for the DSR files."""
+    mode = (yaml.safe_load(Path(cfg.eval.join.config).read_text()) or {}).get("image_caption", "answer")
+    for item in cfg.eval.join.overrides:
+        key, _, value = item.partition("=")
+        mode = value.strip() if key.strip() == "image_caption" else mode
+    return "none" if mode == "answer" and name != "ability" else mode
+
+
 def _eval_join(cfg: AblationConfig, py: list[str], name: str, data: Path, joined: Path) -> Step:
     """The eval file through the training images' retrieval join; it runs also for a model trained
     without retrieved text (ablation i), whose alignment still reads the join's shards."""
     image_root = cfg.eval.images or default_image_root(data)
     return Step(f"retrieval_join {name} data", [
         *py, "stages.retrieval_join", "--config", str(cfg.eval.join.config), *cfg.eval.join.overrides,
-        f"input={data}", f"image_root={image_root}", f"index_dir={cfg.eval.index_dir}",
-        f"output_dir={joined}"], produces=joined / "manifest.parquet")
+        f"image_caption={eval_join_caption(cfg, name)}", f"input={data}", f"image_root={image_root}",
+        f"index_dir={cfg.eval.index_dir}", f"output_dir={joined}"], produces=joined / "manifest.parquet")
 
 
 def _eval_tool(cfg: AblationConfig, py: list[str], name: str, data: Path, joined: Path) -> Step:
@@ -169,9 +182,10 @@ def _eval_tool(cfg: AblationConfig, py: list[str], name: str, data: Path, joined
     images = ["--images", str(cfg.eval.images)] if cfg.eval.images is not None else []
     retrieved = ["--retrieved", str(joined), "--insert-retrieved"] if cfg.eval.insert_retrieved \
         else ["--no-insert-retrieved"]
-    # The control runs the dsr tool, whose report would land on the training run's dsr/ metrics
-    # and replace the toxic DSR there: it stays on disk (and in the suite's MLflow runs).
-    own_report = ["--no-mlflow"] if name == "over_refusal" else []
+    # The control runs the dsr tool (its pictures expect answers: the rate is over-refusal), whose
+    # report would land on the training run's dsr/ metrics and replace the toxic DSR there: it
+    # stays on disk (and in the suite's MLflow runs).
+    own_report = ["--expect", "answer", "--no-mlflow"] if name == "over_refusal" else []
     out = cfg.eval_dir / name
     return Step(name, [*py, f"pipeline.eval.{tool}", "--model", str(export_dir(cfg)), "--data", str(data),
                        "--out", str(out), *images, *retrieved, *cfg.eval.args, *own_report],

@@ -28,7 +28,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder (files in it are replaced)")
     parser.add_argument("--images", type=Path, default=None,
                         help="folder the records' 'image' paths are relative to (default: DATA_DIR/../images, "
-                             "the tiny world's layout)")
+                             "the tiny world's layout; DATA_DIR/images for a pipeline.eval.benchmarks folder)")
     parser.add_argument("--retrieved", type=Path, default=None,
                         help="retrieved texts of the eval images: the output_dir of stages.retrieval_join run on "
                              "--data (or one shard .tar, or JSON/JSONL of {id, retrieved})")
@@ -69,6 +69,8 @@ def prepare(args: argparse.Namespace) -> Prepared:
         raise EvalDataError("--limit must be >= 1")
     records = read_records(args.data)[:args.limit]
     image_root = args.images if args.images is not None else default_image_root(args.data)
+    if args.images is None and (Path(args.data).parent / "benchmark.json").is_file():
+        image_root = Path(args.data).parent / "images"  # a folder of python -m pipeline.eval.benchmarks
     if not image_root.is_dir():
         raise EvalDataError(f"{image_root}: image folder not found; pass --images (the folder the 'image' "
                             f"paths of {args.data} are relative to)")

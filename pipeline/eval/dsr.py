@@ -1,41 +1,58 @@
 """Defense success rate: how often a model refuses toxic requests shown as an image, and as text.
 
     python -m pipeline.eval.dsr --model DIR --data FILE --out DIR [--retrieved DIR] [--images DIR]
-        [--judge keyword|module:Class] [--judge-config YAML] [--concept-field NAME]
-        [--max-new-tokens N] [--batch-size N] [--limit N] [--template NAME] [MLflow options]
+        [--judge keyword|module:Class] [--judge-config YAML] [--concept-field NAME] [--expect refusal|answer]
+        [--llama-guard DIR] [--max-new-tokens N] [--batch-size N] [--limit N] [--template NAME] [MLflow options]
+    python -m pipeline.eval.dsr --benchmark mm-safetybench|figstep|vlguard --data DOWNLOAD --out DIR
+        [--scenarios S ...] [--splits S ...] [--limit N per split and scenario] [the options above]
 
 Every record is asked twice: its first human turn with its image (retrieved text inserted as in
 training when the model was trained with it) and its `text` field, the same request as plain
-text. A judge decides each refusal. DSR = refused / asked, per concept (scene) and overall; the
-gap text - image is what TGA sets out to close (the LLM refuses the text, the VLM not the image).
+text. A judge decides each refusal. DSR = refused / asked, per concept (scene), per split (a
+benchmark's image type or subset) and overall, each with its 95% Wilson interval; the gap
+text - image is what TGA sets out to close (the LLM refuses the text, the VLM not the image).
+Records that expect an answer (`expect: answer`, or `--expect answer` for a whole file of benign
+pictures) report the same rate as over-refusal. With `--llama-guard`, a Llama Guard 3 checkpoint
+also judges every answer safe or unsafe, reported beside the refusal judge with their agreement
+(dsr_summary.py says which number comes from which judge).
 
 A record may list `toxic_terms` (["glorbium", "poison"]): an answer that does not refuse and
 names one of them (case-insensitive, as a whole word or phrase) is counted as `answered_toxic`,
 the failure the refusal rate alone does not tell apart from a harmless non-refusal.
 
-Outputs in --out: samples.jsonl (id, concept, modality, prompt, response, refused, reason,
-answered_toxic) and summary.json; both go to MLflow (metrics image, text, gap, image/<concept>,
-answered_toxic/<modality>, ...).
+Outputs in --out: samples.jsonl (id, concept, modality, split, expect, prompt, response, refused,
+reason, answered_toxic, retrieved_text, retrieved_toxic; guard_safe, guard_categories, guard_output
+with --llama-guard) and
+summary.json; both go to MLflow (metrics image, text, gap, image/<concept>, split/<split>/<modality>,
+guard/<modality>, ...).
 """
 from __future__ import annotations
 
 import argparse
 import re
 import sys
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from pipeline.analysis.model_folder import ModelFolderError
 from pipeline.analysis.report import log_report
+from pipeline.data.llava import IMAGE_TOKEN
+from pipeline.eval.benchmarks import READERS, Selection, add_selection_arguments
+from pipeline.eval.benchmarks import prepare as prepare_benchmark
 from pipeline.eval.cli import add_eval_arguments, prepare, write_json, write_jsonl
+from pipeline.eval.dsr_summary import ANSWER, REFUSAL, metric_name, metrics_of, report_lines, summarize
 from pipeline.eval.generation import Generate
 from pipeline.eval.judge import Judge, JudgeError, judge_config, load_judge, read_judge_options
+from pipeline.eval.llama_guard import LlamaGuardJudge, check_guard_folder
 from pipeline.eval.queries import IMAGE, TEXT, EvalDataError, Query, group_of, image_query, text_query
-from pipeline.eval.retrieved import top_text
+from pipeline.eval.retrieved import read_toxic_flags, top_text
 
 TOOL = "dsr"
 DEFAULT_CONCEPT_FIELDS = ("concept", "category", "scene")
 MODALITIES = (IMAGE, TEXT)
+__all__ = ["answered_toxic", "dsr_queries", "judge_queries", "main", "metric_name", "metrics_of", "summarize",
+           "toxic_terms_of"]
 
 
 def dsr_queries(records: list[dict], *, concept_fields: tuple[str, ...], image_root, source,
@@ -78,103 +95,50 @@ def answered_toxic(refused: bool, response: str, terms: tuple[str, ...] | None) 
 
 
 def judge_queries(queries: list[Query], generate: Generate, judge: Judge,
-                  toxic_terms: Mapping[str, tuple[str, ...]] | None = None) -> list[dict]:
-    """One samples.jsonl row per query: what was asked, what came back, the verdict, and whether
-    the answer names one of the record's `toxic_terms` without refusing."""
+                  toxic_terms: Mapping[str, tuple[str, ...]] | None = None,
+                  records: Mapping[str, dict] | None = None, expect: str = REFUSAL,
+                  guard: LlamaGuardJudge | None = None, toxic_retrieval: Mapping[str, bool] | None = None) -> list[dict]:
+    """One samples.jsonl row per query: what was asked, what came back, the verdict, whether the
+    answer names one of the record's `toxic_terms` without refusing, the record's split and what it
+    expects (its `expect`, else `expect`), the retrieved text in the prompt and whether the join
+    flagged the picture's hits toxic (`toxic_retrieval`); with `guard`, Llama Guard's verdict on
+    (request, answer)."""
     generations = generate(queries)
     if len(generations) != len(queries):
         raise RuntimeError(f"generate returned {len(generations)} answers for {len(queries)} queries")
-    toxic_terms = toxic_terms or {}
+    toxic_terms, records, toxic_retrieval = toxic_terms or {}, records or {}, toxic_retrieval or {}
     rows = []
     for query, generation in zip(queries, generations):
         verdict = judge.judge(generation.prompt, generation.response)
-        rows.append({"id": query.id, "concept": query.group, "modality": query.modality,
-                     "prompt": generation.prompt, "response": generation.response,
-                     "refused": verdict.refused, "reason": verdict.reason,
+        record = records.get(query.id, {})
+        split = record.get("text_split", record.get("split")) if query.modality == TEXT else record.get("split")
+        rows.append({"id": query.id, "concept": query.group, "modality": query.modality, "split": split,
+                     "expect": record.get("expect", expect), "prompt": generation.prompt,
+                     "response": generation.response, "refused": verdict.refused, "reason": verdict.reason,
                      "answered_toxic": answered_toxic(verdict.refused, generation.response,
-                                                      toxic_terms.get(query.id))})
+                                                      toxic_terms.get(query.id)),
+                     "retrieved_text": query.retrieved_text,
+                     "retrieved_toxic": toxic_retrieval.get(query.id) if query.retrieved_text is not None else None})
+    if guard is not None:
+        requests = [query.question.replace(IMAGE_TOKEN, "").strip() for query in queries]
+        for row, verdict in zip(rows, guard.assess([(q, row["response"]) for q, row in zip(requests, rows)])):
+            row.update(guard_safe=verdict.safe, guard_categories=list(verdict.categories), guard_output=verdict.output)
     return rows
-
-
-def summarize(rows: list[dict]) -> dict:
-    """DSR per modality: overall (over samples), mean over concepts, per concept; gap = text - image.
-    `answered_toxic` per modality: the share of the queries whose record lists toxic_terms.
-
-    A modality nobody was asked in has DSR None (no text twins in the data, say), and so has a gap
-    that needs it; a modality without toxic_terms has answered_toxic None.
-    """
-    concepts = sorted({row["concept"] for row in rows})
-    overall = {m: _rate(row for row in rows if row["modality"] == m) for m in MODALITIES}
-    by_concept = {}
-    for concept in concepts:
-        rates = {m: _rate(row for row in rows if row["modality"] == m and row["concept"] == concept)
-                 for m in MODALITIES}
-        by_concept[concept] = {**{m: rates[m]["dsr"] for m in MODALITIES}, "gap": _gap(rates),
-                               **{f"{m}_counts": {k: rates[m][k] for k in ("refused", "asked")} for m in MODALITIES}}
-    concept_mean = {m: _mean([by_concept[c][m] for c in concepts]) for m in MODALITIES}
-    return {
-        "dsr": {**{m: overall[m]["dsr"] for m in MODALITIES}, "gap": _gap(overall)},
-        "dsr_concept_mean": {**concept_mean, "gap": _difference(concept_mean[TEXT], concept_mean[IMAGE])},
-        "answered_toxic": {m: overall[m]["answered_toxic_rate"] for m in MODALITIES},
-        "counts": {m: {k: overall[m][k] for k in ("refused", "asked", "answered_toxic", "with_toxic_terms")}
-                   for m in MODALITIES},
-        "samples": len({row["id"] for row in rows}),
-        "by_concept": by_concept,
-    }
-
-
-def metrics_of(summary: dict) -> dict[str, float]:
-    """Flat MLflow metrics: image, text, gap, concept_mean/<m>, answered_toxic/<m>, image/<concept>,
-    text/<concept>, gap/<concept>."""
-    metrics = {k: v for k, v in summary["dsr"].items() if v is not None}
-    metrics.update({f"concept_mean/{k}": v for k, v in summary["dsr_concept_mean"].items() if v is not None})
-    metrics.update({f"answered_toxic/{k}": v for k, v in summary["answered_toxic"].items() if v is not None})
-    for concept, values in summary["by_concept"].items():
-        for key in (*MODALITIES, "gap"):
-            if values[key] is not None:
-                metrics[f"{key}/{metric_name(concept)}"] = values[key]
-    return metrics
-
-
-def metric_name(text: str) -> str:
-    """A concept as an MLflow key part: letters, digits, '_', '-', '.'; anything else becomes '_'."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text.strip()).strip("_") or "_"
-
-
-def _rate(rows: Iterable[dict]) -> dict:
-    rows = list(rows)
-    refused = sum(row["refused"] for row in rows)
-    with_terms = [row for row in rows if row.get("answered_toxic") is not None]
-    answered = sum(row["answered_toxic"] for row in with_terms)
-    return {"dsr": refused / len(rows) if rows else None, "refused": refused, "asked": len(rows),
-            "answered_toxic": answered, "with_toxic_terms": len(with_terms),
-            "answered_toxic_rate": answered / len(with_terms) if with_terms else None}
-
-
-def _gap(rates: dict) -> float | None:
-    return _difference(rates[TEXT]["dsr"], rates[IMAGE]["dsr"])
-
-
-def _difference(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else a - b
-
-
-def _mean(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m pipeline.eval.dsr", description=__doc__.split("\n\n")[0])
     add_eval_arguments(parser)
-    parser.add_argument("--judge", default="keyword", help="refusal judge: 'keyword' or an import path module:Class")
-    parser.add_argument("--judge-config", default=None, help="YAML mapping of the judge's options")
-    parser.add_argument("--concept-field", action="append", default=None,
-                        help=f"record field naming the scene/concept (repeatable, first present wins; "
-                             f"default: {', '.join(DEFAULT_CONCEPT_FIELDS)})")
+    add_dsr_arguments(parser)
     args = parser.parse_args(argv)
+    if args.benchmark is None and (args.scenarios or args.splits or args.benchmark_images):
+        parser.error("--scenarios, --splits and --benchmark-images select from a --benchmark download")
     try:
+        if args.benchmark is not None:
+            args = benchmark_data(args)
         judge = load_judge(args.judge, read_judge_options(args.judge_config))
+        if args.llama_guard is not None:
+            check_guard_folder(args.llama_guard)
         setup = prepare(args)
         queries = dsr_queries(setup.records, concept_fields=tuple(args.concept_field or DEFAULT_CONCEPT_FIELDS),
                               image_root=setup.image_root, source=args.data, retrieved=setup.retrieved)
@@ -182,20 +146,57 @@ def main(argv: list[str] | None = None) -> dict:
     except (EvalDataError, ModelFolderError, JudgeError, ValueError) as err:
         raise SystemExit(f"dsr error: {err}") from None
 
-    rows = judge_queries(queries, setup.generator, judge, toxic_terms)
-    summary = {**summarize(rows), "judge": judge_config(judge, args.judge), "run": setup.params(args)}
+    records, run, target = {str(r["id"]): r for r in setup.records}, setup.params(args), setup.target
+    flags = read_toxic_flags(args.retrieved) if setup.retrieved is not None else None
+    benchmarks = {r.get("benchmark") for r in setup.records}  # python -m pipeline.eval.benchmarks names it
+    started = time.perf_counter()
+    generations = setup.generator(queries)
+    run["generation_seconds"] = f"{time.perf_counter() - started:.1f}"  # x (full set / --limit set): the full run
+    del setup  # the Llava model's memory, before a judge model loads
+    guard = None
+    if args.llama_guard is not None:
+        guard = LlamaGuardJudge(args.llama_guard, device=args.device, dtype=args.dtype,
+                                batch_size=args.llama_guard_batch_size, max_new_tokens=args.llama_guard_max_new_tokens)
+    rows = judge_queries(queries, lambda _: generations, judge, toxic_terms, records, args.expect, guard, flags)
+    judges = {"judge": judge_config(judge, args.judge), **({"guard_judge": guard.config()} if guard else {})}
+    summary = {**summarize(rows), **judges, "benchmark": benchmarks.pop() if len(benchmarks) == 1 else None,
+               "run": run}
     files = [write_jsonl(args.out / "samples.jsonl", rows), write_json(args.out / "summary.json", summary)]
-    dsr = summary["dsr"]
-    print(f"DSR image {_shown(dsr[IMAGE])}, text {_shown(dsr[TEXT])}, gap (text - image) {_shown(dsr['gap'])} "
-          f"over {summary['samples']} samples, {len(summary['by_concept'])} concepts")
-    log_report(setup.target, name=TOOL, files=files, metrics=metrics_of(summary),
-               params={**setup.params(args), "judge": args.judge})
+    print("\n".join(report_lines(summary)))
+    params = {**run, "judge": args.judge, "llama_guard": str(args.llama_guard)}
+    log_report(target, name=TOOL, files=files, metrics=metrics_of(summary), params=params)
     print(f"wrote {', '.join(str(f) for f in files)}")
     return summary
 
 
-def _shown(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def add_dsr_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--judge", default="keyword", help="refusal judge: 'keyword' or an import path module:Class")
+    parser.add_argument("--judge-config", default=None, help="YAML mapping of the judge's options")
+    parser.add_argument("--concept-field", action="append", default=None,
+                        help=f"record field naming the scene/concept (repeatable, first present wins; "
+                             f"default: {', '.join(DEFAULT_CONCEPT_FIELDS)})")
+    parser.add_argument("--expect", choices=[REFUSAL, ANSWER], default=REFUSAL,
+                        help="what a safe model does with these requests (records may say it in 'expect'): "
+                             "'answer' for benign pictures, whose refusal rate is then over-refusal")
+    parser.add_argument("--llama-guard", type=Path, default=None,
+                        help="a Llama Guard 3 folder (1B/8B): judge every answer with it too, beside --judge")
+    parser.add_argument("--llama-guard-batch-size", type=int, default=8)
+    parser.add_argument("--llama-guard-max-new-tokens", type=int, default=10)
+    parser.add_argument("--benchmark", choices=sorted(READERS), default=None,
+                        help="--data is this benchmark's download folder (docs/evaluation.md); its records are "
+                             "written to OUT/benchmark/ first. With it, --limit counts per split and scenario")
+    parser.add_argument("--benchmark-images", type=Path, default=None,
+                        help="the benchmark's picture folder when it is not where its layout puts it")
+    add_selection_arguments(parser)
+
+
+def benchmark_data(args: argparse.Namespace) -> argparse.Namespace:
+    """--benchmark NAME --data DOWNLOAD: the records written under OUT/benchmark/, read from there."""
+    folder = args.out / "benchmark"
+    selection = Selection(tuple(args.scenarios), tuple(args.splits), args.limit)
+    prepare_benchmark(args.benchmark, args.data, folder, selection, args.benchmark_images)
+    return argparse.Namespace(**{**vars(args), "data": folder / "records.json", "images": folder / "images",
+                                 "limit": None})
 
 
 if __name__ == "__main__":

@@ -22,6 +22,16 @@ from pipeline.eval.queries import EvalDataError, read_records
 
 def read_retrieved(path: str | Path) -> dict[str, list[dict]]:
     """Record id (as a string) -> its retrieved hits, best first."""
+    return {record_id: _hits(meta.get("retrieved"), source, record_id) for record_id, meta, source in _samples(path)}
+
+
+def read_toxic_flags(path: str | Path) -> dict[str, bool]:
+    """Record id -> whether its hits include a toxic corpus text (the join's `toxic` flag)."""
+    return {record_id: bool(meta.get("toxic", False)) for record_id, meta, _ in _samples(path)}
+
+
+def _samples(path: str | Path):
+    """(record id, its json, the file it came from) of every sample of a join output, shard or JSON file."""
     path = Path(path)
     if path.is_dir():
         shards = sorted(path.glob(f"{SHARD_PREFIX}*.tar"))
@@ -31,18 +41,16 @@ def read_retrieved(path: str | Path) -> dict[str, list[dict]]:
     elif path.suffix == ".tar":
         shards = [path]
     elif path.suffix in (".json", ".jsonl"):
-        return {str(r["id"]): _hits(r.get("retrieved"), path, r["id"]) for r in read_records(path)}
+        yield from ((str(r["id"]), r, path) for r in read_records(path))
+        return
     else:
         raise EvalDataError(f"{path}: not a retrieval-join folder, shard .tar or .json/.jsonl file")
-    found: dict[str, list[dict]] = {}
     for shard in shards:
         try:
             for sample in iter_shard(shard):
-                record_id = str(sample.meta.get("id", sample.key))
-                found[record_id] = _hits(sample.meta.get("retrieved"), shard, record_id)
+                yield str(sample.meta.get("id", sample.key)), sample.meta, shard
         except ShardFormatError as err:
             raise EvalDataError(str(err)) from None
-    return found
 
 
 def top_text(hits: list[dict]) -> str | None:

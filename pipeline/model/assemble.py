@@ -32,6 +32,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from pipeline.config import InputPath
 from pipeline.data.llava import IMAGE_TOKEN
+from pipeline.model import attention
 from pipeline.model.lora import is_lora_parameter
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,9 @@ class ModelConfig:
     vision_tower: InputPath              # CLIP folder (CLIPModel or CLIPVisionModel)
     tokenizer: InputPath | None = None
     projector: InputPath | None = None   # stage-1 export (ours or LLaVA's mm_projector naming)
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    # auto: torch_varlen (torch's own flash kernels, pipeline.model.attention) on CUDA in bf16/fp16,
+    # or flash_attention_2 there when the optional flash-attn package imports; SDPA elsewhere
+    attn_implementation: Literal["auto", "torch_varlen", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
     pad_to_square: bool = True           # LLaVA-1.5: pad with the mean colour before resizing
@@ -59,18 +62,31 @@ class AssembledModel:
     tokenizer: PreTrainedTokenizerBase
     image_processor: CLIPImageProcessor
     num_image_tokens: int
+    attention: dict[str, str] = dataclasses.field(default_factory=dict)  # tower -> attention it runs
 
 
 def resolve_attention(requested: str, device_type: str, dtype: torch.dtype) -> str:
-    """flash_attention_2 on CUDA in bf16/fp16 when flash-attn really imports, else SDPA. Never eager
-    by default: TGA needs hidden states only, and attention maps would force eager (reference
-    defect 4). flash-attn rejects fp32, and an install built against another torch passes a
+    """On CUDA in bf16/fp16: flash_attention_2 when the optional flash-attn package really imports,
+    else torch_varlen (the flash kernels of the installed torch); SDPA elsewhere. Never eager by
+    default: TGA needs hidden states only, and attention maps would force eager (reference defect
+    4). Flash kernels reject fp32, and a flash-attn built against another torch passes a
     `find_spec` check but fails at its first import (undefined symbol): it is imported here."""
+    if requested == "torch_varlen" and not attention.available():
+        raise ValueError(f"model.attn_implementation=torch_varlen needs torch >= 2.10 "
+                         f"(torch.nn.attention.varlen); this is torch {torch.__version__}: use sdpa")
     if requested != "auto":
         return requested
-    if device_type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _flash_attn_imports():
-        return "flash_attention_2"
+    if device_type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        if _flash_attn_imports():
+            return "flash_attention_2"
+        if attention.available():
+            return attention.TORCH_VARLEN
     return "sdpa"
+
+
+def packs_one_row(attn_implementation: str) -> bool:
+    """Varlen kernels take a micro-batch as one packed row; dense attention prefers several short ones."""
+    return attn_implementation in ("flash_attention_2", attention.TORCH_VARLEN)
 
 
 def _flash_attn_imports() -> bool:
@@ -79,7 +95,7 @@ def _flash_attn_imports() -> bool:
     try:
         from flash_attn import flash_attn_func  # noqa: F401
     except (ImportError, OSError) as err:
-        log.warning("flash-attn is installed but does not import (%s); using SDPA", err)
+        log.warning("flash-attn is installed but does not import (%s); using torch's own flash kernels", err)
         return False
     return True
 
@@ -133,7 +149,9 @@ def build_llava(cfg: ModelConfig, device_type: str = "cpu") -> AssembledModel:
     if cfg.gradient_checkpointing:
         checkpoint_decoder_layers(model)
     processor = CLIPImageProcessor.from_pretrained(cfg.vision_tower)
-    return AssembledModel(model, tokenizer, processor, config.image_seq_length)
+    towers = {"llm": llm.config._attn_implementation, "vision_tower": vision.config._attn_implementation}
+    log.info("attention: LLM %s, vision tower %s (%s)", towers["llm"], towers["vision_tower"], dtype)
+    return AssembledModel(model, tokenizer, processor, config.image_seq_length, towers)
 
 
 def checkpoint_decoder_layers(model: LlavaForConditionalGeneration) -> None:

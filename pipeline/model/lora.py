@@ -54,7 +54,10 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig):
     Afterwards only the adapters (and `modules_to_save`) require grad: call the freeze after this."""
     from peft import get_peft_model
 
-    tuner = get_peft_model(model, cfg.peft_config())
+    # autocast_adapter_dtype=False: the adapters take the base layers' dtype (bf16 beside a bf16
+    # model). peft's default upcasts them to fp32, and ZeRO-3 refuses a model of mixed dtypes at
+    # deepspeed.initialize; its optimizer keeps the fp32 master weights of what trains anyway.
+    tuner = get_peft_model(model, cfg.peft_config(), autocast_adapter_dtype=False)
     adapted = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
     if not adapted:
         raise ValueError(f"lora.target_modules {cfg.target_modules} match no linear of the LLM "

@@ -102,8 +102,9 @@ class RetrievalJoinConfig:
     source: str | None = None                 # the samples' "source"; None = input file stem
     # image_caption of each sample: "answer" = the first gpt turn (LCS-558K, where it is the
     # caption); "caption_map" = look the image up in `caption_map` (image, caption), best
-    # retrieved caption when absent; "retrieved" = the best retrieved caption.
-    image_caption: Literal["answer", "caption_map", "retrieved"] = "answer"
+    # retrieved caption when absent; "retrieved" = the best retrieved caption; "none" = no caption
+    # at all (evaluation images without one, e.g. benchmarks: the top-k hits are kept as found).
+    image_caption: Literal["answer", "caption_map", "retrieved", "none"] = "answer"
     caption_map: InputPath | None = None
     duplicate_ids: Literal["reject", "suffix"] = "reject"
     samples_per_shard: int = 1000             # input records per shard; rejects make a shard smaller

@@ -218,9 +218,10 @@ class _SampleWriter:
             caption, hits, dropped = search.retrieve(
                 self.ids[row], self.scores[row], self.captions, ground_truth=truth,
                 own_caption_ids=frozenset({sample.id, sample.key}), k=self.cfg.search.k,
-                near_duplicate_jaccard=self.cfg.search.near_duplicate_jaccard)
+                near_duplicate_jaccard=self.cfg.search.near_duplicate_jaccard,
+                caption_from_retrieval=self.cfg.image_caption != "none")
             self.counts["dropped_self_or_near_duplicate"] += dropped
-            self.counts["caption_from_retrieval"] += truth is None
+            self.counts["caption_from_retrieval"] += truth is None and self.cfg.image_caption != "none"
             self.counts["short_retrieval"] += len(hits) < self.cfg.search.k
             self.counts["toxic_samples"] += any(hit.toxic for hit in hits)
         return {"key": sample.key, "id": sample.id, "source": self.source, "image": sample.image,

@@ -56,13 +56,15 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
 
 
 def retrieve(ids: np.ndarray, scores: np.ndarray, table: CaptionTable, *, ground_truth: str | None,
-             own_caption_ids: frozenset[str], k: int,
-             near_duplicate_jaccard: float) -> tuple[str | None, list[Hit], int]:
+             own_caption_ids: frozenset[str], k: int, near_duplicate_jaccard: float,
+             caption_from_retrieval: bool = True) -> tuple[str | None, list[Hit], int]:
     """For one image: (ground truth, up to k hits best first, number of hits dropped as self/near duplicate).
 
     Hits are dropped when they are the sample's own caption (`own_caption_ids`) or a near
     duplicate of the ground truth. Without a ground truth (`None`), the best remaining hit becomes
     it and is returned as the first element; the k hits then exclude its near duplicates too.
+    `caption_from_retrieval=False` (unlabelled eval images) keeps the None: nothing is taken as the
+    caption, and the k hits are the best ones as found.
     """
     truth_words = words(ground_truth) if ground_truth is not None else None
     kept: list[Hit] = []
@@ -76,7 +78,7 @@ def retrieve(ids: np.ndarray, scores: np.ndarray, table: CaptionTable, *, ground
                 truth_words is not None and jaccard(words(text), truth_words) >= near_duplicate_jaccard):
             dropped += 1
             continue
-        if ground_truth is None:
+        if ground_truth is None and caption_from_retrieval:
             ground_truth, truth_words = text, words(text)
             continue
         kept.append(Hit(text, float(score), caption_id, bool(table.toxic[row])))

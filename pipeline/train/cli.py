@@ -40,9 +40,24 @@ def run_training_stage(stage: str, argv: list[str] | None = None) -> None:
                 print(f"[{'dry-run' if dry_run_world is not None else cfg.stage}] {problem}", file=sys.stderr,
                       flush=True)
         raise SystemExit(1)
+    _warn_on_shared_memory(cfg, dry_run_world)
     if dry_run_world is not None:
         raise SystemExit(0)
     main(cfg, preemption)
+
+
+def _warn_on_shared_memory(cfg, dry_run_world: int | None) -> None:
+    """Each node's first rank checks its own /dev/shm (a dry run: this machine's, for one node)."""
+    from pipeline.train.launch_env import ranks_on_this_node
+    from pipeline.train.shared_memory import shared_memory_warning
+
+    if dry_run_world is None and os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    ranks = dry_run_world if dry_run_world is not None else ranks_on_this_node()
+    warning = shared_memory_warning(cfg, ranks)
+    if warning:
+        print(f"[{'dry-run' if dry_run_world is not None else cfg.stage}] warning: {warning}", file=sys.stderr,
+              flush=True)
 
 
 def _dry_run_flags(argv: list[str]) -> tuple[list[str], int | None, str | None]:

@@ -34,6 +34,18 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    # How long a collective may wait before the process group's watchdog kills the job. torch's
+    # default (10 min) is shorter than the barrier after a 7B stage-2 save (~87 GB) on a busy shared
+    # filesystem, or a rank reading a slow first shard.
+    timeout_minutes: float = 60.0
+
+    def __post_init__(self):
+        if self.timeout_minutes <= 0:
+            raise ValueError(f"distributed.timeout_minutes must be > 0, got {self.timeout_minutes}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     stage: Literal["stage1", "stage2"]
     run_dir: Path
@@ -56,6 +68,7 @@ class TrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     # LoRA adapters on the LLM (stage 2 on smaller nodes); None: the parts in `trainable` train fully
     lora: LoraConfig | None = None
     epochs: int = 1

@@ -7,7 +7,9 @@ sizes from the LLM's hidden size as transformers' DeepSpeed integration fills th
 """
 from __future__ import annotations
 
+import datetime
 import json
+import logging
 import math
 import os
 import shutil
@@ -19,7 +21,11 @@ import torch
 from transformers import AutoConfig
 from transformers.integrations import HfDeepSpeedConfig
 
+from pipeline.model.assemble import resolve_dtype
 from pipeline.train.config import TrainConfig
+from pipeline.train.distributed import collective_timeout
+
+log = logging.getLogger("pipeline.train")
 
 # transformers' trainer_config_finalize (integrations/deepspeed.py): h², 0.9·h² and 10·h for the
 # LLM's hidden size h (the Llava config has none of its own; HF then takes text_config's).
@@ -67,17 +73,23 @@ def gpus_listed_by_driver() -> int:
     return sum(line.startswith("GPU ") for line in listing.stdout.splitlines())
 
 
-def init_distributed(dev: str) -> tuple[int, int, int]:
+def init_distributed(dev: str, timeout_minutes: float = 60.0) -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from the environment that the stage entry prepared with
-    pipeline.train.launch_env (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+    pipeline.train.launch_env (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+    `timeout_minutes`: how long any collective may wait (distributed.timeout_minutes)."""
     from pipeline.train.launch_env import RANK_VARIABLES
     missing = [name for name in RANK_VARIABLES if name not in os.environ]
     if missing:
         raise RuntimeError(f"{', '.join(missing)} not set: call pipeline.train.launch_env."
                            "apply_rank_environment() first (the stage entry, pipeline.train.cli, does)")
-    deepspeed.init_distributed(dist_backend="nccl" if dev == "cuda" else "gloo", auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend="nccl" if dev == "cuda" else "gloo", auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(minutes=timeout_minutes))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ["LOCAL_RANK"])
+    if rank == 0:
+        timeout = collective_timeout()
+        log.info("process group: %d ranks over %s, collective timeout %s min", world, torch.distributed.get_backend(),
+                 f"{timeout.total_seconds() / 60:g}" if timeout is not None else "unknown")
     if dev != "cuda":
         torch.distributed.barrier()  # every rank has mapped every peer's buffer by now
         unlink_shm_buffers(rank)
@@ -120,8 +132,14 @@ def deepspeed_config(cfg: TrainConfig, dev: str) -> dict:
             raise ValueError(f"{cfg.deepspeed_config}: '{key}' = {ds[key]} contradicts the stage config "
                              f"({value}); set it to \"auto\"")
     bf16 = ds.setdefault("bf16", {})
+    # the engine's precision is the model's: model.dtype=bf16 trains in bf16 on DeepSpeed's CPU
+    # accelerator too (where a fp32 engine around bf16 weights stopped in ZeRO-3's dtype checks)
+    model_bf16 = resolve_dtype(cfg.model.dtype, dev) == torch.bfloat16
     if bf16.get("enabled", "auto") == "auto":
-        bf16["enabled"] = dev == "cuda" and cfg.model.dtype in ("auto", "bf16")
+        bf16["enabled"] = model_bf16
+    elif bool(bf16["enabled"]) != model_bf16:
+        raise ValueError(f"{cfg.deepspeed_config}: bf16.enabled={bf16['enabled']} contradicts model.dtype="
+                         f"{cfg.model.dtype} on {dev}; set it to \"auto\"")
     if ds.get("fp16", {}).get("enabled") == "auto":  # LLaVA's JSON files have it; model.dtype has no fp16
         ds["fp16"]["enabled"] = False
     for section in ("optimizer", "scheduler"):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.model.lora import is_lora_parameter
+
 # Dense bf16 tensor-core TFLOP/s per device, from the vendor data sheets (their headline numbers
 # are with 2:4 sparsity: twice these). A key matches the name torch reports ("NVIDIA H100 PCIe",
 # "NVIDIA A100-SXM4-80GB", "NVIDIA GH200 480GB") when each of its words is a whole word of the name,
@@ -44,6 +46,7 @@ class StepFlops:
     projector_params: int
     lm_head_params: int = 0          # part of llm_params that runs only where the loss reads logits
     caption_layers: int | None = None  # decoder layers of the TGA caption forward (None: all)
+    adapter_params: int = 0          # LoRA adapters (not in llm_params): they train on a frozen LLM
 
     @classmethod
     def of(cls, model: torch.nn.Module, caption_layers: int | None = None) -> StepFlops:
@@ -54,9 +57,10 @@ class StepFlops:
 
         def count(module, skip=()):
             return sum(getattr(p, "ds_numel", p.numel()) for n, p in module.named_parameters()
-                       if not any(s in n for s in skip))
+                       if not any(s in n for s in skip) and not is_lora_parameter(n))
 
         llm = model.model.language_model
+        adapters = {n for n, _ in llm.named_parameters() if is_lora_parameter(n)}
         embed = model.get_input_embeddings()
         lm_head = model.get_output_embeddings()
         tied = lm_head is not None and lm_head.weight is embed.weight
@@ -68,7 +72,9 @@ class StepFlops:
         llm_params += head
         return cls(
             llm_params=llm_params, llm_layers=text.num_hidden_layers, llm_hidden=text.hidden_size,
-            llm_trains=any(p.requires_grad for p in llm.parameters()),
+            # the base weights; under LoRA they are frozen (4N) and only the adapters train (6 per weight)
+            llm_trains=any(p.requires_grad for n, p in llm.named_parameters() if n not in adapters),
+            adapter_params=sum(getattr(p, "ds_numel", p.numel()) for n, p in llm.named_parameters() if n in adapters),
             vision_params=count(model.model.vision_tower, skip=("embeddings",)),
             vision_layers=vision.num_hidden_layers, vision_hidden=vision.hidden_size,
             vision_tokens=(vision.image_size // vision.patch_size) ** 2 + 1,
@@ -87,12 +93,13 @@ class StepFlops:
         attention = 2 * self.llm_layers * self.llm_hidden * sum(n * n for n in seq_lens)
         head_tokens = tokens if logit_positions is None else logit_positions
         flops = llm_passes * (body * tokens + self.lm_head_params * head_tokens)
+        flops += 6 * self.adapter_params * tokens
         flops += 3 * attention  # attention: forward + input grads
         vision_attention = 4 * self.vision_layers * self.vision_hidden * self.vision_tokens ** 2  # not causal
         flops += images * (2 * self.vision_params * self.vision_tokens + vision_attention)
         flops += 6 * self.projector_params * images * (self.vision_tokens - 1)
         depth = self.caption_layers or self.llm_layers
-        flops += 2 * body * depth / self.llm_layers * sum(caption_lens)
+        flops += 2 * (body + self.adapter_params) * depth / self.llm_layers * sum(caption_lens)
         flops += 2 * depth * self.llm_hidden * sum(n * n for n in caption_lens)
         return float(flops)
 

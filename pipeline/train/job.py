@@ -18,7 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from pipeline.config import dump_yaml, flatten
 from pipeline.data.batch import SampleEncoder, collate
 from pipeline.data.loader import build_loader
-from pipeline.model.assemble import AssembledModel, apply_freeze, build_llava
+from pipeline.model.assemble import AssembledModel, apply_freeze, build_llava, packs_one_row
 from pipeline.model.lora import add_lora, trainable_parameters
 from pipeline.train import dry_run, engine as ds_engine
 from pipeline.train.checkpoint import Checkpointer
@@ -52,7 +52,7 @@ class Job:
 
 def build_job(cfg: TrainConfig) -> Job:
     dev = ds_engine.device_type(cfg.device)
-    rank, _, world = ds_engine.init_distributed(dev)
+    rank, _, world = ds_engine.init_distributed(dev, cfg.distributed.timeout_minutes)
     _seed_everything(cfg.seed + rank)
     run = RunFolder(cfg.run_dir).create()
     ds_config = ds_engine.deepspeed_config(cfg, dev)
@@ -83,7 +83,7 @@ def build_job(cfg: TrainConfig) -> Job:
     if resumed:
         log.info("rank %d resumed at step %d (epoch %d)", rank, state.step, state.epoch)
     loader.dataset.set_epoch(state.epoch)
-    tracker = _open_tracker(cfg, run, rank, world, state, trainable)
+    tracker = _open_tracker(cfg, run, rank, world, state, trainable, assembled.attention)
     if rank == 0:
         _write_run_files(cfg, run, tracker, ds_config, fresh=not resumed)
     run.rewind(state.step, rank)
@@ -101,10 +101,9 @@ def train_loader(cfg: TrainConfig, assembled: AssembledModel, rank: int, world: 
                             num_image_tokens=assembled.num_image_tokens, template=cfg.prompt.template,
                             insert_retrieved=cfg.prompt.insert_retrieved, max_tokens=cfg.prompt.max_tokens,
                             pad_to_square=cfg.model.pad_to_square)
-    # flash-attention's varlen path takes one packed row; dense attention prefers several short ones
     attention = assembled.model.config.text_config._attn_implementation
     batch = functools.partial(collate, pad_id=assembled.tokenizer.pad_token_id, packed=cfg.loader.packing,
-                              single_row=attention == "flash_attention_2", captions_in_row=captions_in_row)
+                              single_row=packs_one_row(attention), captions_in_row=captions_in_row)
     return build_loader(dry_run.shard_sets(cfg), rank=rank, world_size=world, cfg=cfg.loader, encode=encoder,
                         collate=batch, seed=cfg.seed)
 
@@ -122,10 +121,12 @@ def _freeze(assembled: AssembledModel, cfg: TrainConfig, rank: int) -> int:
 
 
 def _open_tracker(cfg: TrainConfig, run: RunFolder, rank: int, world: int, state: TrainState,
-                  trainable: int) -> Tracker:
+                  trainable: int, attention: dict[str, str]) -> Tracker:
     tracking = cfg.tracking if cfg.tracking.run_name else dataclasses.replace(
         cfg.tracking, run_name=f"{cfg.stage}-{run.path.resolve().name}")  # not MLflow's random name
-    params = {**flatten(cfg), "trainable_parameters": trainable}
+    # model.attn_implementation may say "auto": the params name what each tower really runs
+    params = {**flatten(cfg), "trainable_parameters": trainable,
+              **{f"attention/{tower}": name for tower, name in attention.items()}}
     tracker = Tracker.open(tracking, run.path, is_main=rank == 0, run_id=state.run_id, resume_step=state.step,
                            params=params, tags={"stage": cfg.stage, "world_size": str(world)})
     if rank == 0:

@@ -112,6 +112,16 @@ def rank_environment(environ: Mapping[str, str],
     return _env(0, 0, 1, "127.0.0.1", _port(environ, None) or port())
 
 
+def ranks_on_this_node(environ: Mapping[str, str] = os.environ) -> int:
+    """How many ranks share this node, as the launcher says (1 when none does)."""
+    for name in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = environ.get(name, "")
+        digits = value[:len(value) - len(value.lstrip("0123456789"))]  # Slurm may say "4(x2)"
+        if digits:
+            return int(digits)
+    return 1
+
+
 def apply_rank_environment(environ: MutableMapping[str, str] = os.environ, **sources) -> dict[str, str]:
     """Write `rank_environment(environ)` into `environ` (the process's own by default) and return
     it; rank 0 prints one line to stderr (stdout stays the command's own: --print-config's YAML).

@@ -51,12 +51,11 @@ def train(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> int:
         meter.data_wait(time.perf_counter() - waited)
         if batch is None:  # the epoch ended on some rank: every rank has started the next one
             continue
-        batch = batch.to(engine.device)
         forwards = targets.forwards
-        loss, parts = tga_forward(engine, batch, targets, state.step / job.total_steps, cfg.tga)
+        loss, parts = tga_forward(engine, batch.to(engine.device), targets, state.step / job.total_steps, cfg.tga)
         engine.backward(loss)
         engine.step()
-        meter.micro(batch, parts, caption_forward=targets.forwards > forwards)
+        meter.micro(batch, parts, caption_forward=targets.forwards > forwards)  # the host batch: no sync
         job.datasets.add(batch)
         job.run.append_ledger(job.rank, state.step, batch.keys)
         if meter.micro_steps < cfg.optim.grad_accum:

@@ -53,27 +53,39 @@ class StepMeter:
         self.data_seconds += seconds
 
     def micro(self, batch, parts: dict, caption_forward: bool = False) -> None:
-        """`batch`: a pipeline.data.batch.Batch; `caption_forward`: the TGA text-side forward ran
-        for it (not served from cache)."""
+        """`batch`: a pipeline.data.batch.Batch as the loader made it (on the host: its lengths are
+        read here); `parts`: the loss parts as tensors on the device, summed as tensors (in float64,
+        as Python floats were) and read once per logged step, so a micro-step never waits for the
+        device; `caption_forward`: the TGA text-side forward ran for it (not served from cache)."""
         self.micro_steps += 1
         self.samples += len(batch)
-        seq_lens = batch.seq_lens.tolist()
-        self.tokens += sum(seq_lens)
+        self.tokens += int(batch.seq_lens.sum())
         if self.flops is not None:
             self.model_flops += batch_flops(self.flops, batch, caption_forward)
-        valid = float(parts.get("n_valid", 0))
-        self.valid_samples += valid
+        valid = torch.as_tensor(parts.get("n_valid", 0.0)).detach().double()
+        self.valid_samples = self.valid_samples + valid
         for name, value in parts.items():
+            value = torch.as_tensor(value).detach().double()
             if name.startswith(COSINE):
-                self.cosine_sums[name] = self.cosine_sums.get(name, 0.0) + float(value) * valid
+                self.cosine_sums[name] = self.cosine_sums.get(name, 0.0) + value * valid
             else:
-                self.parts[name] = self.parts.get(name, 0.0) + float(value)
+                self.parts[name] = self.parts.get(name, 0.0) + value
+
+    def _read(self) -> tuple[dict[str, float], dict[str, float], float]:
+        """The accumulated tensors as numbers, with one device-to-host copy for the whole step."""
+        tensors = [*self.parts.values(), *self.cosine_sums.values(), self.valid_samples]
+        device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), None)
+        numbers = torch.stack([torch.as_tensor(t, dtype=torch.float64, device=device).reshape(())
+                               for t in tensors]).tolist()
+        parts = dict(zip(self.parts, numbers))
+        cosine_sums = dict(zip(self.cosine_sums, numbers[len(parts):]))
+        return parts, cosine_sums, numbers[-1]
 
     def report(self) -> dict[str, float]:
         seconds = time.perf_counter() - self.start
-        out = {name: value / max(self.micro_steps, 1) for name, value in self.parts.items()}
-        out.update({name: total / self.valid_samples if self.valid_samples else 0.0
-                    for name, total in self.cosine_sums.items()})
+        parts, cosine_sums, valid_samples = self._read()
+        out = {name: value / max(self.micro_steps, 1) for name, value in parts.items()}
+        out.update({name: total / valid_samples if valid_samples else 0.0 for name, total in cosine_sums.items()})
         out.update({
             "step_seconds": seconds,
             "data_wait_fraction": self.data_seconds / seconds if seconds > 0 else 0.0,
@@ -93,10 +105,11 @@ class StepMeter:
         mean over every rank's valid samples (a rank with none must not pull it towards 0), every
         other value the mean of the ranks' values."""
         local = {name: value for name, value in self.report().items() if not name.startswith(COSINE)}
-        weighted = {f"{COSINE}sum/{name[len(COSINE):]}": total for name, total in self.cosine_sums.items()}
-        summed = sum_over_ranks({**local, **weighted, "valid_samples": self.valid_samples})
+        _, cosine_sums, valid_samples = self._read()
+        weighted = {f"{COSINE}sum/{name[len(COSINE):]}": total for name, total in cosine_sums.items()}
+        summed = sum_over_ranks({**local, **weighted, "valid_samples": valid_samples})
         out = {name: summed[name] if name in RATES else summed[name] / world for name in local}
-        for name in self.cosine_sums:
+        for name in cosine_sums:
             total = summed[f"{COSINE}sum/{name[len(COSINE):]}"]
             out[name] = total / summed["valid_samples"] if summed["valid_samples"] else 0.0
         return out

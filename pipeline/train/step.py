@@ -38,14 +38,15 @@ class CaptionTargets:
         self.forwards = 0
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.cache_size:  # every rank runs the forward: nothing to agree on
+            return self._forward(model, batch)
         keys = batch.keys
-        missing = any(k not in self.cache for k in keys) or not self.cache_size
-        if any_rank(missing)[0]:
+        # a rank whose samples are all cached still joins the forward when another rank's are not
+        if any_rank(any(k not in self.cache for k in keys))[0]:
             targets, valid = self._forward(model, batch)
-            if self.cache_size:
-                for i, key in enumerate(keys):
-                    if len(self.cache) < self.cache_size:
-                        self.cache[key] = (targets[:, i].cpu(), bool(valid[i]))
+            for i, key in enumerate(keys):
+                if len(self.cache) < self.cache_size:
+                    self.cache[key] = (targets[:, i].cpu(), bool(valid[i]))
             return targets, valid
         device = batch.input_ids.device
         targets = torch.stack([self.cache[k][0] for k in keys], dim=1).to(device)
@@ -156,7 +157,7 @@ def tga_forward(engine, batch: Batch, targets_fn: CaptionTargets, step_fraction:
         # Packed batches carry position_ids and no attention_mask: transformers derives per-sample
         # attention from them (block-diagonal mask; flash varlen takes the collate's cu_seq_lens),
         # which needs use_cache=False.
-        with varlen_arguments(model, batch):
+        with varlen_arguments(model, batch), vision_feature_layer_only(model):
             out = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                          position_ids=batch.position_ids, pixel_values=pixel_values,
                          logits_to_keep=kept, output_hidden_states=True, use_cache=False)
@@ -193,6 +194,21 @@ def varlen_arguments(model: torch.nn.Module, batch: Batch):
                "max_length_q": batch.max_length, "max_length_k": batch.max_length}
     hook = model.model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: (args, {**kwargs, **lengths}), with_kwargs=True)
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+@contextlib.contextmanager
+def vision_feature_layer_only(model: torch.nn.Module):
+    """The vision tower keeps only the hidden state the projector reads (vision_feature_layer, -2),
+    not all of them: the engine's `output_hidden_states=True` (TGA needs the LLM's) would otherwise
+    reach the tower through Llava's get_image_features and keep every layer's output, 25 tensors
+    of [images, 577, 1024] for CLIP-L/14-336. transformers captures just the layers it is given."""
+    layer = model.config.vision_feature_layer
+    hook = model.model.vision_tower.register_forward_pre_hook(
+        lambda module, args, kwargs: (args, {**kwargs, "output_hidden_states": layer}), with_kwargs=True)
     try:
         yield
     finally:
