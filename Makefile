@@ -19,7 +19,7 @@ ABLATION_SEEDS ?= 0
 #   CUDA 13 build, except where pip finds a local CPU wheel of the pinned version (the dev machines).
 # HAS_CUDA: 1 = CUDA environment (with torchvision), 0 = not; found with nvidia-smi. Give HAS_CUDA=1
 #   on a login node without GPUs to build the environment its GPU nodes use.
-# Flash attention on CUDA comes from torch itself (model.attn_implementation: torch_flash). The
+# Flash attention on CUDA comes from torch itself (model.attn_implementation: torch_varlen). The
 # flash-attn package is an opt-in extra of the CUDA environment:
 # FLASH_ATTN=1: build requirements/gpu.txt's source release (a CUDA toolkit, up to an hour);
 # FLASH_ATTN_WHEEL: a prebuilt flash-attn wheel (file or URL) instead.

@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.gpu_check_attention import check_flash_equals_sdpa  # noqa: E402
 from bench.gpu_check_lora import LORA_CONFIG, LORA_STEPS, run_lora  # noqa: E402
-from bench.gpu_check_world import FLASH_KERNELS, FULL, STAGES, TINY, Sizes, encode, micro_batch  # noqa: E402
+from bench.gpu_check_world import FULL, STAGES, TINY, Sizes, encode, micro_batch  # noqa: E402
 from bench.gpu_check_world import stage_config, tiny_world_records, write_models  # noqa: E402
 
 # |packed - padded| <= atol + rtol·|padded| for each loss part. bf16 keeps 8 significant bits
@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="toy model and micro-batches of 4 (the CPU test)")
     parser.add_argument("--attention", choices=("sdpa", "flash", "both"),
                         help="sdpa: the stages run SDPA; flash: the flash path that model.attn_implementation: auto "
-                        "picks on CUDA (torch_flash, or flash-attn's where it imports); both (default on cuda): flash, "
+                        "picks on CUDA (torch_varlen, or flash-attn's where it imports); both (default on cuda): flash, "
                         "and per stage one batch compared with SDPA (loss parts, projector gradient). On cpu (default "
                         "sdpa) flash does not exist (no CPU kernel) and both compares eager with SDPA")
     parser.add_argument("--lora", action="store_true", help=f"also {LORA_CONFIG}: the model with LoRA adapters "
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 def attention_plan(choice: str, dev: str, dtype: torch.dtype) -> tuple[str, str | None] | None:
     """(the attention the stages run, the one compared with SDPA or None); None when this machine
     has no flash path to run."""
-    from pipeline.model.assemble import resolve_attention
+    from pipeline.model.assemble import packs_one_row, resolve_attention
 
     if choice == "sdpa":
         return "sdpa", None
@@ -163,7 +163,7 @@ def attention_plan(choice: str, dev: str, dtype: torch.dtype) -> tuple[str, str 
               "kernels have no CPU version)")
         return "sdpa", "eager"
     flash = resolve_attention("auto", dev, dtype)
-    if flash not in FLASH_KERNELS:
+    if not packs_one_row(flash):
         print(f"gpu_check: model.attn_implementation: auto resolves to {flash} here (torch {torch.__version__}, "
               f"flash-attn {_version('flash-attn')}): no flash path to check. --attention sdpa checks the rest.",
               file=sys.stderr)
@@ -239,7 +239,7 @@ def run_stage(stage: str, args, sizes: Sizes, records: list[dict], tmp: Path, dt
     """Build the stage's engine, compare flash with SDPA (plan[1]), check packed = padded, time the
     variants, print; which comparisons held."""
     from pipeline.data.batch import collate
-    from pipeline.model.assemble import apply_freeze, build_llava
+    from pipeline.model.assemble import apply_freeze, build_llava, packs_one_row
     from pipeline.train import engine as ds_engine
     from pipeline.train.flops import StepFlops, peak_flops_per_device
     from pipeline.train.metrics import batch_flops
@@ -254,7 +254,7 @@ def run_stage(stage: str, args, sizes: Sizes, records: list[dict], tmp: Path, dt
     engine, _, _ = ds_engine.initialize(assembled.model, cfg, ds, 4 * (args.warmup + args.steps), dev)
     samples, pad = encode(assembled, cfg, records, stage), assembled.tokenizer.pad_token_id
     # one packed row for the flash path's varlen kernels, first-fit rows for SDPA (pipeline.train.job)
-    single_row = engine.module.config.text_config._attn_implementation in FLASH_KERNELS
+    single_row = packs_one_row(engine.module.config.text_config._attn_implementation)
     # packed: the varlen boundaries built by the collate; "captions in row": TGA's caption inputs as
     # segments of the packed row, so one forward gives the loss and the caption targets
     batches = {"padded": collate(samples, pad).to(engine.device),

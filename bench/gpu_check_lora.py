@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from bench.gpu_check_world import FLASH_KERNELS, Sizes, encode, stage_config
+from bench.gpu_check_world import Sizes, encode, stage_config
 
 LORA_CONFIG, LORA_STEPS = "configs/stage2_lora.yaml", 2
 
 
 def run_lora(args, sizes: Sizes, records: list[dict], tmp: Path, attention: str) -> bool:
     from pipeline.data.batch import collate
-    from pipeline.model.assemble import apply_freeze, build_llava
+    from pipeline.model.assemble import apply_freeze, build_llava, packs_one_row
     from pipeline.model.lora import add_lora, is_lora_parameter
     from pipeline.train import engine as ds_engine
     from pipeline.train.step import CaptionTargets, tga_forward
@@ -44,7 +44,7 @@ def run_lora(args, sizes: Sizes, records: list[dict], tmp: Path, attention: str)
           f"{time.perf_counter() - phase:.0f} s")
     samples = encode(assembled, cfg, records, "stage2")
     batch = collate(samples, assembled.tokenizer.pad_token_id, packed=cfg.loader.packing,
-                    single_row=attention in FLASH_KERNELS).to(engine.device)
+                    single_row=packs_one_row(attention)).to(engine.device)
     targets, losses = CaptionTargets(cfg.tga.layers, cached=False), []
     for step in range(LORA_STEPS):
         started = time.perf_counter()

@@ -18,8 +18,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 REFERENCE_LAYERS = 32  # the configs' tga.layers are the safety band of a 32-layer LLM
 STAGES = ("stage1", "stage2")
-# attention implementations that take a packed row's segment boundaries (varlen kernels): one row
-FLASH_KERNELS = ("torch_flash", "flash_attention_2")
 
 
 @dataclasses.dataclass(frozen=True)
