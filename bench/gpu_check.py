@@ -108,10 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     if dev == "cuda" and not torch.cuda.is_available():
         listed = _nvidia_smi("-L").count("GPU ")
-        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU build"
-        print(f"gpu_check: torch {torch.__version__} ({build}) sees no GPU"
-              f"{f', although nvidia-smi lists {listed}' if listed else ''}: this is not the CUDA environment. "
-              "Build it on the GPU node (README, 'Installing on a CUDA cluster').", file=sys.stderr)
+        seen = f"sees no GPU{f', although nvidia-smi lists {listed}' if listed else ''}"
+        if torch.version.cuda:
+            print(f"gpu_check: torch {torch.__version__} (a CUDA {torch.version.cuda} build) {seen}: check "
+                  "CUDA_VISIBLE_DEVICES, and that nvidia-smi's driver supports that CUDA version.", file=sys.stderr)
+        else:
+            print(f"gpu_check: torch {torch.__version__} (a CPU build) {seen}: this is not the CUDA environment. "
+                  "Build it on the GPU node (README, 'Installing on a CUDA cluster').", file=sys.stderr)
         return 2
     os.environ.setdefault("DS_ACCELERATOR", dev)
     # DeepSpeed JIT-builds its CPU comm op; a cache shared with another environment rebuilds it
@@ -192,12 +195,15 @@ def import_check_modules() -> int:
     """Import everything the check uses, print the versions: the environment is complete."""
     for name in CHECK_MODULES:
         importlib.import_module(name)
-    print_versions("cpu" if not torch.cuda.is_available() else "cuda")
-    print(f"gpu_check: the check's {len(CHECK_MODULES)} pipeline modules import here; the rest needs a GPU")
+    print_versions(None)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    print(f"gpu_check: the check's {len(CHECK_MODULES)} pipeline modules import here; torch sees "
+          f"{gpus or 'no'} GPU(s); the rest of the check needs one")
     return 0
 
 
-def print_versions(dev: str) -> None:
+def print_versions(dev: str | None) -> None:
+    """The versions line; then the device (cuda, cpu), or nothing (None: --imports-only)."""
     import deepspeed
     import transformers
 
@@ -205,8 +211,9 @@ def print_versions(dev: str) -> None:
     print(f"python {platform.python_version()} | torch {torch.__version__} | deepspeed {deepspeed.__version__} | "
           f"transformers {transformers.__version__} | flash-attn {_version('flash-attn')} | "
           f"torchvision {_version('torchvision')}")
-    if dev != "cuda":
+    if dev == "cpu":
         print(f"device: CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s); SDPA, fp32, gloo")
+    if dev != "cuda":
         return
     from pipeline.train.flops import peak_tflops_of
 

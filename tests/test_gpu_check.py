@@ -56,7 +56,7 @@ def test_prepare_imports_every_module_the_check_needs_without_a_gpu():
                           timeout=TIMEOUT_SECONDS)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert re.search(r"^python \S+ \| torch \S+ \| deepspeed \S+ \| transformers \S+", done.stdout, re.M)
-    assert f"the check's {len(gpu_check.CHECK_MODULES)} pipeline modules import here" in done.stdout
+    assert f"the check's {len(gpu_check.CHECK_MODULES)} pipeline modules import here; torch sees " in done.stdout
 
 
 def test_imports_only_lists_every_pipeline_module_the_check_imports():
