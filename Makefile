@@ -1,9 +1,11 @@
 # Two commands for a newcomer: `make demo` and `make test`. Everything they need is built here.
+# `make check-cuda-env` proves the CUDA environment on a machine without GPU (downloads GBs; not in CI).
 # Environments live outside the checkout, keyed by a hash of everything they install (requirements
 # files, torch pins, wheel index), so every clone of the same revision reuses them:
 # $(ENV_ROOT)/main-<hash>, $(ENV_ROOT)/retrieval-<hash>.
 # Overridable: PYTHON (interpreter that creates the venvs), ENV_ROOT, PYTEST_ARGS, ABLATION_SEEDS,
-# and for torch (README, "Installing on a CUDA cluster"): TORCH_INDEX_URL, HAS_CUDA, FLASH_ATTN_WHEEL.
+# and for torch (README, "Installing on a CUDA cluster"): TORCH_INDEX_URL, HAS_CUDA, FLASH_ATTN,
+# FLASH_ATTN_WHEEL.
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 PYTHON ?= python3
@@ -15,14 +17,28 @@ ABLATION_SEEDS ?= 0
 # TORCH_INDEX_URL: a PyTorch wheel index they come from (https://download.pytorch.org/whl/cu128 for
 #   a CUDA 12 driver, .../whl/cpu for CPU wheels); empty = PyPI, whose x86_64 Linux torch is the
 #   CUDA 13 build, except where pip finds a local CPU wheel of the pinned version (the dev machines).
-# HAS_CUDA: 1 = CUDA environment (adds flash-attn), 0 = not; found with nvidia-smi. Give HAS_CUDA=1
+# HAS_CUDA: 1 = CUDA environment (with torchvision), 0 = not; found with nvidia-smi. Give HAS_CUDA=1
 #   on a login node without GPUs to build the environment its GPU nodes use.
-# FLASH_ATTN_WHEEL: a prebuilt flash-attn wheel (file or URL) to install instead of
-#   requirements/gpu.txt's source release.
+# Flash attention on CUDA comes from torch itself (model.attn_implementation: torch_varlen). The
+# flash-attn package is an opt-in extra of the CUDA environment:
+# FLASH_ATTN=1: build requirements/gpu.txt's source release (a CUDA toolkit, up to an hour);
+# FLASH_ATTN_WHEEL: a prebuilt flash-attn wheel (file or URL) instead.
 TORCH_INDEX_URL ?=
+FLASH_ATTN ?= 0
 FLASH_ATTN_WHEEL ?=
 ifndef HAS_CUDA
 HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+endif
+ifneq ($(filter 1,$(FLASH_ATTN))$(FLASH_ATTN_WHEEL),)
+ifneq ($(HAS_CUDA),1)
+$(error flash-attn (FLASH_ATTN=1 or FLASH_ATTN_WHEEL) belongs to the CUDA environment: add HAS_CUDA=1)
+endif
+endif
+ifeq ($(FLASH_ATTN),1)
+ifneq ($(FLASH_ATTN_WHEEL),)
+$(error give either FLASH_ATTN=1 (build from source) or FLASH_ATTN_WHEEL=<file or URL>, not both)
+endif
+GPU_REQUIREMENTS := requirements/gpu-build.txt requirements/gpu.txt
 endif
 TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 TORCH_PINS := $(shell grep -E '^torch(vision)?==' requirements/torch.txt)
@@ -30,11 +46,12 @@ ifeq ($(HAS_CUDA)-$(TORCH_INDEX_URL),0-)
 # No CUDA, no index: torch is the local CPU wheel, and PyPI's torchvision (a CUDA build) does not
 # import beside it.
 MAIN_TORCH := $(filter torch==%,$(TORCH_PINS))
+else ifeq ($(HAS_CUDA)-$(TORCH_INDEX_URL),1-)
+# PyPI's CUDA build: `===` matches the release string exactly, never a local build of the same version
+# (2.13.0+cpu) that a find-links folder or a mirror offers, which `==` accepts and pip prefers.
+MAIN_TORCH := $(subst ==,===,$(TORCH_PINS))
 else
 MAIN_TORCH := $(TORCH_PINS)
-endif
-ifeq ($(HAS_CUDA),1)
-GPU_REQUIREMENTS := requirements/gpu-build.txt requirements/gpu.txt
 endif
 RETRIEVAL_TORCH := $(shell grep -E '^torch(vision)?==' requirements/retrieval.txt)
 # PyPI's torch pulls its CUDA 13 runtime: pinned as constraints, which a wheel index's builds (CPU,
@@ -53,7 +70,7 @@ export PYTHONPATH := $(CURDIR)
 # another environment built it last.
 export TORCH_EXTENSIONS_DIR := $(MAIN_ENV)/torch_extensions
 
-.PHONY: demo ablations test env retrieval-env clean-work
+.PHONY: demo ablations test env retrieval-env check-cuda-env cuda-env-report clean-work
 
 # The whole pipeline on the embedded tiny world; every stage reads/writes under work/.
 demo: env retrieval-env
@@ -110,22 +127,27 @@ retrieval-env: $(RETRIEVAL_ENV)/.ready
 # A venv is only used once `.ready` exists; an interrupted build is wiped and redone. No file
 # prerequisites: the hash in the folder name already tracks the requirements' content, and a fresh
 # clone's newer mtimes must not rebuild an environment that other clones share.
-# flash-attn (CUDA only) builds against the torch installed above: without build isolation, since an
+# flash-attn (FLASH_ATTN=1) builds against the torch installed above: without build isolation, since an
 # isolated build has no torch (or a torch of its own choosing). Its setup.py downloads the prebuilt
 # wheel for this torch/CUDA/Python from flash-attention's releases when one exists, else compiles.
 # clip-anytorch only for its OpenAI BPE vocabulary file (tiny CLIP tokenizer); never imported.
+# `.ready` holds how long the build took (make check-cuda-env reports it).
 $(MAIN_ENV)/.ready:
-	rm -rf $(MAIN_ENV) && mkdir -p $(ENV_ROOT)
+	rm -rf $(MAIN_ENV) && mkdir -p $(MAIN_ENV) && date +%s > $(MAIN_ENV)/.build-started
 	$(PYTHON) -m venv $(MAIN_ENV)
 	$(MAIN_ENV)/bin/pip install -q --upgrade pip
 	$(MAIN_ENV)/bin/pip install -q $(TORCH_INDEX) $(MAIN_TORCH)
 	$(MAIN_ENV)/bin/pip install -q -r requirements/main.txt -r requirements/dev.txt
-ifeq ($(HAS_CUDA),1)
+ifeq ($(FLASH_ATTN),1)
 	$(MAIN_ENV)/bin/pip install -q -r requirements/gpu-build.txt
-	$(MAIN_ENV)/bin/pip install --no-build-isolation $(or $(FLASH_ATTN_WHEEL),-r requirements/gpu.txt) || { \
+	$(MAIN_ENV)/bin/pip install --no-build-isolation -r requirements/gpu.txt || { \
 	  echo "flash-attn did not install. With no prebuilt wheel for this torch/CUDA/Python it compiles, which needs" \
 	       "a CUDA toolkit of torch's CUDA major version (nvcc on PATH or CUDA_HOME) and about an hour (MAX_JOBS=N" \
-	       "sets the parallel jobs). Or give a prebuilt wheel: make env FLASH_ATTN_WHEEL=<file or URL>." >&2; exit 1; }
+	       "sets the parallel jobs). Or give a prebuilt wheel: make env HAS_CUDA=1 FLASH_ATTN_WHEEL=<file or URL>;" \
+	       "or none: torch's own flash attention needs no build." >&2; exit 1; }
+endif
+ifneq ($(FLASH_ATTN_WHEEL),)
+	$(MAIN_ENV)/bin/pip install --no-deps $(FLASH_ATTN_WHEEL)
 endif
 	$(MAIN_ENV)/bin/pip install -q --no-deps clip-anytorch==2.6.0
 ifeq ($(HAS_CUDA),0)
@@ -134,7 +156,21 @@ ifeq ($(HAS_CUDA),0)
 	DS_ACCELERATOR=cpu $(MAIN_ENV)/bin/python -c "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, \
 	  ShareMemCommBuilder; ShareMemCommBuilder().load(); CPUAdamBuilder().load()" >/dev/null
 endif
-	touch $@
+	echo "built in $$(( $$(date +%s) - $$(cat $(MAIN_ENV)/.build-started) )) s, finished $$(date -u +%FT%TZ)" > $@
+
+# Proof, on a machine without GPU, that the CUDA environment (`make env HAS_CUDA=1`: PyPI's CUDA torch
+# unless TORCH_INDEX_URL names an index) resolves, installs and imports every module of the product.
+# Built under ENV_ROOT like `make env HAS_CUDA=1` (which then reuses it); .venv is left alone.
+# Downloads several GB: not part of `make test` or CI.
+check-cuda-env:
+	$(MAKE) --no-print-directory HAS_CUDA=1 cuda-env-report
+
+cuda-env-report: $(MAIN_ENV)/.ready
+	@echo "== CUDA environment $(MAIN_ENV): $$(cat $<)"
+	@echo "size: $$(du -sh $(MAIN_ENV) | cut -f1) in all; of which torch $$(du -shc $(MAIN_ENV)/lib/python*/site-packages/torch \
+	  | tail -1 | cut -f1), the CUDA runtime (nvidia-*, triton) $$(du -shc $(MAIN_ENV)/lib/python*/site-packages/{nvidia,triton} \
+	  2>/dev/null | tail -1 | cut -f1)"
+	$(PY) bench/import_check.py
 
 $(RETRIEVAL_ENV)/.ready:
 	rm -rf $(RETRIEVAL_ENV) && mkdir -p $(ENV_ROOT)

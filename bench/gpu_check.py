@@ -1,17 +1,19 @@
 """One GPU check: stage-1 and stage-2 training steps of a ~1B-parameter Llava under DeepSpeed ZeRO-3
-on one GPU, with flash-attention 2 and bf16, through the pipeline's own code. No downloads.
+on one GPU, with the flash path and bf16, through the pipeline's own code. No downloads.
 
     bash bench/gpu_check.sh                          # a CUDA machine (the wrapper: env, timeout)
     PYTHONPATH=. .venv/bin/python bench/gpu_check.py --device cpu --tiny   # the same logic, toy size
 
 Random-weight Llama (Llama-3.2-1B's shape, vocabulary 32000) and CLIP vision tower (ViT-L/14-336's
-shape) folders with a tokenizer trained on the batch's text; `build_llava` inside ZeRO-3,
-`apply_freeze`, `pipeline.train.engine.initialize` as configs/stage{1,2}.yaml say; tiny-world
-samples through `SampleEncoder` and `collate` (padded, or packed as `loader.packing` lays it out);
-each step `tga_forward` + engine backward + step. Per stage: packed vs padded loss parts on the same
-weights (TOLERANCE), then padded/packed × TGA/plain timed: s/step, tokens/s, model TFLOP/s, MFU,
-peak memory. bench/README.md ("gpu_check") explains the output. Exit status 0 when packed = padded
-in both stages, 1 when not, 2 when this environment cannot run the check.
+shape) folders with a tokenizer trained on the batch's text (bench/gpu_check_world.py); `build_llava`
+inside ZeRO-3, `apply_freeze`, `pipeline.train.engine.initialize` as configs/stage{1,2}.yaml say;
+tiny-world samples through `SampleEncoder` and `collate` (padded, or packed as `loader.packing` lays
+it out); each step `tga_forward` + engine backward + step. Per stage: with --attention both, the flash
+path against SDPA on one batch (bench/gpu_check_attention.py); packed vs padded loss parts on the same
+weights (TOLERANCE), then padded/packed × TGA/plain timed: s/step, tokens/s, model TFLOP/s, MFU, peak
+memory. With --lora, configs/stage2_lora.yaml's model (adapters) initialises and takes 2 steps.
+bench/README.md ("gpu_check") explains the output. Exit status 0 when every comparison holds, 1 when
+one does not, 2 when this environment cannot run the check.
 
 Pipeline modules are imported inside the functions: DeepSpeed reads DS_ACCELERATOR at its first
 import, which `main` sets from --device.
@@ -21,11 +23,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib
 import importlib.metadata
-import io
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -39,33 +40,23 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.gpu_check_attention import check_flash_equals_sdpa  # noqa: E402
+from bench.gpu_check_lora import LORA_CONFIG, LORA_STEPS, run_lora  # noqa: E402
+from bench.gpu_check_world import FULL, STAGES, TINY, Sizes, encode, micro_batch  # noqa: E402
+from bench.gpu_check_world import stage_config, tiny_world_records, write_models  # noqa: E402
+
 # |packed - padded| <= atol + rtol·|padded| for each loss part. bf16 keeps 8 significant bits
 # (rounding 2^-9 ≈ 0.2% per operation); both layouts run the same attention kernel but GEMMs of
 # other shapes, so they round differently: 1% leaves room for 16 layers of that and still catches
 # a wrong mask or position id (those move the loss by whole units, not per mille).
 TOLERANCE = {torch.bfloat16: (1e-2, 1e-2), torch.float32: (1e-4, 1e-5)}  # (rtol, atol)
-REFERENCE_LAYERS = 32  # the configs' tga.layers are the safety band of a 32-layer LLM
-STAGES = ("stage1", "stage2")
-
-
-@dataclasses.dataclass(frozen=True)
-class Sizes:
-    llm: dict                    # LlamaConfig fields; vocab_size None = the tokenizer's length
-    vision: dict                 # CLIPVisionConfig fields
-    batch: dict                  # stage -> micro-batch; absent: the config's loader.batch_size
-    max_tokens: int | None       # None = the config's prompt.max_tokens
-
-
-FULL = Sizes(llm=dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                      intermediate_size=8192, vocab_size=32000),
-             vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                         image_size=336, patch_size=14),
-             batch={}, max_tokens=None)
-TINY = Sizes(llm=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=None),
-             vision=dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-                         image_size=32, patch_size=8),
-             batch={"stage1": 4, "stage2": 4}, max_tokens=320)
+# every pipeline module the check imports: what the wheelhouse route must provide (--imports-only)
+CHECK_MODULES = ("pipeline.config", "pipeline.data.batch", "pipeline.data.shards", "pipeline.model.assemble",
+                 "pipeline.model.lora", "pipeline.tga.prompt", "pipeline.tga.templates", "pipeline.tinyworld.models",
+                 "pipeline.tinyworld.scenes", "pipeline.tinyworld.text", "pipeline.tinyworld.tokenizer",
+                 "pipeline.train.config", "pipeline.train.distributed", "pipeline.train.engine",
+                 "pipeline.train.flops", "pipeline.train.launch_env", "pipeline.train.memory",
+                 "pipeline.train.metrics", "pipeline.train.step")
 
 
 @dataclasses.dataclass
@@ -79,8 +70,17 @@ class Variant:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cuda: the check (flash-attention 2, bf16, NCCL); cpu: SDPA, fp32, gloo")
+                        help="cuda: the check (flash path, bf16, NCCL); cpu: SDPA, fp32, gloo")
     parser.add_argument("--tiny", action="store_true", help="toy model and micro-batches of 4 (the CPU test)")
+    parser.add_argument("--attention", choices=("sdpa", "flash", "both"),
+                        help="sdpa: the stages run SDPA; flash: the flash path that model.attn_implementation: auto "
+                        "picks on CUDA (torch_varlen, or flash-attn's where it imports); both (default on cuda): flash, "
+                        "and per stage one batch compared with SDPA (loss parts, projector gradient). On cpu (default "
+                        "sdpa) flash does not exist (no CPU kernel) and both compares eager with SDPA")
+    parser.add_argument("--lora", action="store_true", help=f"also {LORA_CONFIG}: the model with LoRA adapters "
+                        f"initialises under ZeRO-3 and takes {LORA_STEPS} optimizer steps")
+    parser.add_argument("--imports-only", action="store_true", help="import what the check needs, print the "
+                        "versions and stop (needs no GPU: the wheelhouse route's last step before one is needed)")
     parser.add_argument("--steps", type=int, help="timed steps per variant (default 5, 2 with --tiny)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before each variant's timed ones")
     parser.add_argument("--stage1-batch", type=int, help="stage-1 micro-batch (default: configs/stage1.yaml's)")
@@ -89,8 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "does not know (for MFU)")
     args = parser.parse_args(argv)
     args.steps = args.steps if args.steps is not None else 2 if args.tiny else 5
+    args.attention = args.attention or ("both" if args.device == "cuda" else "sdpa")
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.device == "cpu" and args.attention == "flash":
+        parser.error("--attention flash needs --device cuda: the flash kernels have no CPU version (on CPU, "
+                     "--attention both compares eager with SDPA)")
     return args
 
 
@@ -98,14 +102,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
     started = time.perf_counter()
+    if args.imports_only:
+        return import_check_modules()
     dev, sizes = args.device, TINY if args.tiny else FULL
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     if dev == "cuda" and not torch.cuda.is_available():
         listed = _nvidia_smi("-L").count("GPU ")
-        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU build"
-        print(f"gpu_check: torch {torch.__version__} ({build}) sees no GPU"
-              f"{f', although nvidia-smi lists {listed}' if listed else ''}: this is not the CUDA environment. "
-              "Build it on the GPU node (README, 'Installing on a CUDA cluster').", file=sys.stderr)
+        seen = f"sees no GPU{f', although nvidia-smi lists {listed}' if listed else ''}"
+        if torch.version.cuda:
+            print(f"gpu_check: torch {torch.__version__} (a CUDA {torch.version.cuda} build) {seen}: check "
+                  "CUDA_VISIBLE_DEVICES, and that nvidia-smi's driver supports that CUDA version.", file=sys.stderr)
+        else:
+            print(f"gpu_check: torch {torch.__version__} (a CPU build) {seen}: this is not the CUDA environment. "
+                  "Build it on the GPU node (README, 'Installing on a CUDA cluster').", file=sys.stderr)
         return 2
     os.environ.setdefault("DS_ACCELERATOR", dev)
     # DeepSpeed JIT-builds its CPU comm op; a cache shared with another environment rebuilds it
@@ -113,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as transformers_logging
 
-    from pipeline.model.assemble import resolve_attention
     from pipeline.train import engine as ds_engine
     from pipeline.train.distributed import shutdown
     from pipeline.train.launch_env import apply_rank_environment
@@ -123,10 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     # ZeRO-3 calls torch.distributed functions that torch deprecates, with a warning per call
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     print_versions(dev)
-    if dev == "cuda" and resolve_attention("auto", dev, dtype) != "flash_attention_2":
-        print(f"gpu_check: flash-attn ({_version('flash-attn')}) does not import here (see the warning above), so "
-              "training would use SDPA. `make env` on a CUDA machine installs it (README, 'Installing on a CUDA "
-              "cluster').", file=sys.stderr)
+    plan = attention_plan(args.attention, dev, dtype)
+    if plan is None:
         return 2
     ranks = apply_rank_environment()
     if ranks["WORLD_SIZE"] != "1":
@@ -134,22 +140,70 @@ def main(argv: list[str] | None = None) -> int:
               "task (srun -n 1 --gres=gpu:1 bash bench/gpu_check.sh)", file=sys.stderr)
         return 2
     ds_engine.init_distributed(dev)
-    equal = {}
+    results = {}
     with tempfile.TemporaryDirectory(prefix="tga-gpu-check-") as tmp:
         records = tiny_world_records(max(16, *(micro_batch(stage, args, sizes) for stage in STAGES)))
         phase = time.perf_counter()
         write_models(Path(tmp), sizes, records, dev, dtype)
         print(f"random-weight model folders written in {time.perf_counter() - phase:.0f} s")
         for stage in STAGES:
-            equal[stage] = run_stage(stage, args, sizes, records, Path(tmp), dtype)
+            results[stage] = run_stage(stage, args, sizes, records, Path(tmp), dtype, plan)
+        if args.lora:
+            results["lora"] = {"LoRA": run_lora(args, sizes, records, Path(tmp), plan[0])}
     shutdown()
-    ok = all(equal.values())
-    print(f"\npacked = padded (every loss part, same weights) in stage 1 and stage 2: {'yes' if ok else 'NO'}")
+    return summarise(results, plan, started)
+
+
+def attention_plan(choice: str, dev: str, dtype: torch.dtype) -> tuple[str, str | None] | None:
+    """(the attention the stages run, the one compared with SDPA or None); None when this machine
+    has no flash path to run."""
+    from pipeline.model.assemble import packs_one_row, resolve_attention
+
+    if choice == "sdpa":
+        return "sdpa", None
+    if dev == "cpu":  # parse_args allows only `both` here
+        print("attention: sdpa in the stages; eager stands in for the flash path in the comparison (the flash "
+              "kernels have no CPU version)")
+        return "sdpa", "eager"
+    flash = resolve_attention("auto", dev, dtype)
+    if not packs_one_row(flash):
+        print(f"gpu_check: model.attn_implementation: auto resolves to {flash} here (torch {torch.__version__}, "
+              f"flash-attn {_version('flash-attn')}): no flash path to check. --attention sdpa checks the rest.",
+              file=sys.stderr)
+        return None
+    print(f"attention: {flash} (what model.attn_implementation: auto picks here)"
+          f"{', compared with sdpa on one batch per stage' if choice == 'both' else ''}")
+    return flash, flash if choice == "both" else None
+
+
+def summarise(results: dict, plan: tuple[str, str | None], started: float) -> int:
+    """The closing lines: one per kind of comparison, over the stages; 0 when every one holds."""
+    print()
+    checks = {"packed = padded": "packed = padded (every loss part, same weights) in stage 1 and stage 2"}
+    if plan[1]:
+        checks["flash = sdpa"] = f"{plan[1]} = sdpa (loss parts, projector gradient) in stage 1 and stage 2"
+    if "lora" in results:
+        checks["LoRA"] = f"LoRA ({LORA_CONFIG}): initialised under ZeRO-3, {LORA_STEPS} steps, finite losses"
+    verdicts = {key: all(r[key] for r in results.values() if key in r) for key in checks}
+    for key, text in checks.items():
+        print(f"{text}: {'yes' if verdicts[key] else 'NO'}")
     print(f"total wall time {time.perf_counter() - started:.0f} s")
-    return 0 if ok else 1
+    return 0 if all(verdicts.values()) else 1
 
 
-def print_versions(dev: str) -> None:
+def import_check_modules() -> int:
+    """Import everything the check uses, print the versions: the environment is complete."""
+    for name in CHECK_MODULES:
+        importlib.import_module(name)
+    print_versions(None)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    print(f"gpu_check: the check's {len(CHECK_MODULES)} pipeline modules import here; torch sees "
+          f"{gpus or 'no'} GPU(s); the rest of the check needs one")
+    return 0
+
+
+def print_versions(dev: str | None) -> None:
+    """The versions line; then the device (cuda, cpu), or nothing (None: --imports-only)."""
     import deepspeed
     import transformers
 
@@ -157,8 +211,9 @@ def print_versions(dev: str) -> None:
     print(f"python {platform.python_version()} | torch {torch.__version__} | deepspeed {deepspeed.__version__} | "
           f"transformers {transformers.__version__} | flash-attn {_version('flash-attn')} | "
           f"torchvision {_version('torchvision')}")
-    if dev != "cuda":
+    if dev == "cpu":
         print(f"device: CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s); SDPA, fp32, gloo")
+    if dev != "cuda":
         return
     from pipeline.train.flops import peak_tflops_of
 
@@ -186,126 +241,27 @@ def _nvidia_smi(*args: str) -> str:
         return ""
 
 
-def tiny_world_records(count: int, seed: int = 0) -> list[dict]:
-    """`count` stage-1 records (LCS-558K style) and `count` stage-2 ones (mix665k style, every fourth
-    a text-only chat) of random tiny-world scenes, each image rendered to JPEG bytes."""
-    from pipeline.tinyworld import scenes, text
-
-    rng = random.Random(f"{seed}:gpu-check")
-    records = []
-    for stage in STAGES:
-        for i in range(count):
-            scene = scenes.sample_scene(rng)
-            caption = text.caption(scene, rng)
-            record = {"stage": stage, "key": f"{stage}-{i:04d}", "image": None, "caption": ""}
-            if stage == "stage2" and i % 4 == 3:
-                records.append({**record, "conversations": text.text_only_conversation(rng, scene)})
-                continue
-            jpeg = io.BytesIO()
-            scenes.render(scene).save(jpeg, format="JPEG", quality=90)
-            conversations = ([{"from": "human", "value": text.stage1_prompt(rng)}, {"from": "gpt", "value": caption}]
-                             if stage == "stage1" else text.scene_conversation(scene, caption, rng))
-            records.append({**record, "image": jpeg.getvalue(), "caption": caption, "conversations": conversations})
-    return records
-
-
-def write_models(tmp: Path, sizes: Sizes, records: list[dict], dev: str, dtype: torch.dtype) -> None:
-    """tmp/llm (random Llama + a tokenizer trained on the records' text) and tmp/vision_tower
-    (random CLIP vision tower + its image processor): the folders `build_llava` loads. Initialised
-    on the device, where a 1B model takes seconds instead of minutes."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-
-    from pipeline.tga.templates import LLAMA2_SYSTEM, VICUNA_SYSTEM
-    from pipeline.tinyworld.models import CLIP_MEAN, CLIP_STD
-    from pipeline.tinyworld.tokenizer import train_llm_tokenizer
-
-    # the system prompts too: a real tokenizer does not spell them out byte by byte
-    tokenizer = train_llm_tokenizer([turn["value"] for r in records for turn in r["conversations"]]
-                                    + [r["caption"] for r in records if r["caption"]] + [LLAMA2_SYSTEM, VICUNA_SYSTEM])
-    tokenizer.model_max_length = 4096
-    llm = LlamaConfig(**{**sizes.llm, "vocab_size": sizes.llm["vocab_size"] or len(tokenizer)},
-                      max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision = CLIPVisionConfig(**sizes.vision, projection_dim=768, hidden_act="quick_gelu")
-    torch.manual_seed(0)
-    with torch.device(dev):
-        LlamaForCausalLM(llm).to(dtype).save_pretrained(tmp / "llm")
-        CLIPVisionModel(vision).to(dtype).save_pretrained(tmp / "vision_tower")
-    tokenizer.save_pretrained(tmp / "llm")
-    side = sizes.vision["image_size"]
-    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
-                       image_mean=CLIP_MEAN, image_std=CLIP_STD).save_pretrained(tmp / "vision_tower")
-
-
-def micro_batch(stage: str, args, sizes: Sizes) -> int:
-    """--stage<N>-batch, else the size's, else configs/<stage>.yaml's loader.batch_size."""
-    import yaml
-
-    chosen = getattr(args, f"{stage}_batch") or sizes.batch.get(stage)
-    return chosen or yaml.safe_load((REPO / "configs" / f"{stage}.yaml").read_text())["loader"]["batch_size"]
-
-
-def stage_config(stage: str, args, sizes: Sizes, tmp: Path):
-    """configs/<stage>.yaml with the check's model folders, device and sizes."""
-    from pipeline.config import load_config
-    from pipeline.train.config import TrainConfig
-
-    run_dir = tmp / f"run-{stage}"
-    (run_dir / "shards").mkdir(parents=True)  # never read: the batches are built here
-    overrides = [f"model.llm={tmp / 'llm'}", f"model.vision_tower={tmp / 'vision_tower'}", "model.projector=null",
-                 f"run_dir={run_dir}", f"shards={run_dir / 'shards'}", f"device={args.device}",
-                 "optim.warmup_ratio=0.0", "optim.schedule=constant",
-                 f"loader.batch_size={micro_batch(stage, args, sizes)}"]
-    overrides += [f"prompt.max_tokens={sizes.max_tokens}"] if sizes.max_tokens else []
-    cfg = load_config(TrainConfig, REPO / "configs" / f"{stage}.yaml", overrides)
-    layers = sizes.llm["num_hidden_layers"]  # the band at the same relative depth
-    band = sorted({max(1, min(layers, round(layer * layers / REFERENCE_LAYERS))) for layer in cfg.tga.layers})
-    return dataclasses.replace(cfg, tga=dataclasses.replace(cfg.tga, layers=band))
-
-
-def encode(assembled, cfg, records: list[dict], stage: str) -> list:
-    """A micro-batch of the stage's records through `SampleEncoder`, as the loader's workers encode
-    shard samples; an image sample's retrieved text is the next image record's caption."""
-    from pipeline.data.batch import SampleEncoder
-    from pipeline.data.shards import ShardSample
-    from pipeline.tga.prompt import Rejected
-
-    encoder = SampleEncoder(assembled.tokenizer, assembled.image_processor, num_image_tokens=assembled.num_image_tokens,
-                            template=cfg.prompt.template, insert_retrieved=cfg.prompt.insert_retrieved,
-                            max_tokens=cfg.prompt.max_tokens, pad_to_square=cfg.model.pad_to_square)
-    own = [r for r in records if r["stage"] == stage][:cfg.loader.batch_size]
-    captions = [r["caption"] for r in own if r["caption"]]
-    encoded = []
-    for i, r in enumerate(own):
-        retrieved = [{"text": captions[(i + 1) % len(captions)], "score": 0.5, "caption_id": f"c{i}"}]
-        retrieved = retrieved if r["image"] else []
-        sample = encoder(ShardSample(r["key"], r["image"], {"key": r["key"], "conversations": r["conversations"],
-                                                           "image_caption": r["caption"], "retrieved": retrieved}))
-        if isinstance(sample, Rejected):
-            raise SystemExit(f"{r['key']}: rejected by SampleEncoder ({sample.reason}); raise prompt.max_tokens")
-        encoded.append(sample)
-    return encoded
-
-
-def run_stage(stage: str, args, sizes: Sizes, records: list[dict], tmp: Path, dtype: torch.dtype) -> bool:
-    """Build the stage's engine, check packed = padded, time the variants, print; True if equal."""
+def run_stage(stage: str, args, sizes: Sizes, records: list[dict], tmp: Path, dtype: torch.dtype,
+              plan: tuple[str, str | None]) -> dict[str, bool]:
+    """Build the stage's engine, compare flash with SDPA (plan[1]), check packed = padded, time the
+    variants, print; which comparisons held."""
     from pipeline.data.batch import collate
-    from pipeline.model.assemble import apply_freeze, build_llava
+    from pipeline.model.assemble import apply_freeze, build_llava, packs_one_row
     from pipeline.train import engine as ds_engine
     from pipeline.train.flops import StepFlops, peak_flops_per_device
     from pipeline.train.metrics import batch_flops
     from pipeline.train.step import CaptionTargets
 
     phase, dev = time.perf_counter(), args.device
-    cfg = stage_config(stage, args, sizes, tmp)
+    cfg = stage_config(stage, args, sizes, tmp, attention=plan[0])
     ds = ds_engine.deepspeed_config(cfg, dev)
     zero3 = ds_engine.zero3_context(ds)  # noqa: F841 — alive while loading: from_pretrained into partitions
     assembled = build_llava(cfg.model, dev)
     tensors = apply_freeze(assembled.model, cfg.trainable)
     engine, _, _ = ds_engine.initialize(assembled.model, cfg, ds, 4 * (args.warmup + args.steps), dev)
     samples, pad = encode(assembled, cfg, records, stage), assembled.tokenizer.pad_token_id
-    # one packed row for flash-attention's varlen kernels, first-fit rows for SDPA (pipeline.train.job)
-    single_row = engine.module.config.text_config._attn_implementation == "flash_attention_2"
+    # one packed row for the flash path's varlen kernels, first-fit rows for SDPA (pipeline.train.job)
+    single_row = packs_one_row(engine.module.config.text_config._attn_implementation)
     # packed: the varlen boundaries built by the collate; "captions in row": TGA's caption inputs as
     # segments of the packed row, so one forward gives the loss and the caption targets
     batches = {"padded": collate(samples, pad).to(engine.device),
@@ -315,7 +271,11 @@ def run_stage(stage: str, args, sizes: Sizes, records: list[dict], tmp: Path, dt
     describe(stage, cfg, engine.module, len(tensors), batches, dtype, time.perf_counter() - phase)
 
     targets = CaptionTargets(cfg.tga.layers, cached=False)
-    equal = check_packed_equals_padded(engine, batches, targets, cfg.tga, dtype)
+    held = {}
+    if plan[1]:
+        row = {**batches, "flash row": collate(samples, pad, packed=True, single_row=True).to(engine.device)}
+        held["flash = sdpa"] = check_flash_equals_sdpa(engine, row, targets, cfg.tga, plan[1], dtype)
+    held["packed = padded"] = check_packed_equals_padded(engine, batches, targets, cfg.tga, dtype)
     plain = dataclasses.replace(cfg.tga, align_on=False, pair_on=False)
     runs = [(f"{layout}, {name}", batches[layout], tga) for layout in ("padded", "packed")
             for name, tga in (("TGA", cfg.tga), ("plain", plain))]
@@ -332,7 +292,7 @@ def run_stage(stage: str, args, sizes: Sizes, records: list[dict], tmp: Path, dt
     gc.collect()
     if dev == "cuda":
         torch.cuda.empty_cache()
-    return equal
+    return held
 
 
 def print_memory_plan(cfg, batch, image_tokens: int, variants: list) -> None:
