@@ -63,3 +63,17 @@ def test_packed_rows_go_first_fit_decreasing_and_everything_per_sample_follows_t
 def test_to_moves_every_tensor_and_keeps_the_rest():
     batch = collate([_sample("a", 3)], PAD).to("meta")
     assert batch.input_ids.device.type == "meta" and batch.keys == ["a"] and batch.pixel_values is None
+
+
+def test_moving_a_batch_keeps_its_span_and_length_metadata_on_the_host():
+    """The TGA pooling reads spans as index lists: on a GPU each read of a device tensor is a sync.
+    ("meta" stands in for the accelerator: what moves there leaves the host.)"""
+    text = type("T", (), {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "image_span": None,
+                          "retrieved_span": None, "caption_input_ids": [4, 5], "caption_span": (0, 2)})()
+    for packed in (False, True):
+        moved = collate([Encoded("a", text, pixel_values=None), Encoded("b", text, pixel_values=None)], 0,
+                        packed=packed, captions_in_row=packed).to("meta")
+        assert moved.input_ids.is_meta and moved.labels.is_meta
+        assert (moved.cu_seq_lens.is_meta if packed else moved.attention_mask.is_meta)
+        for name in ("seq_lens", "image_spans", "retrieved_spans", "span_rows", "caption_spans", "caption_lens"):
+            assert getattr(moved, name).device.type == "cpu", name

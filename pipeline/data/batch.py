@@ -78,6 +78,10 @@ class SampleEncoder:
         return Encoded(sample.key, text, pixels, getattr(sample, "dataset", ""))
 
 
+_HOST_FIELDS = frozenset({"seq_lens", "image_spans", "retrieved_spans", "span_rows", "caption_spans", "caption_lens",
+                          "caption_rows"})
+
+
 @dataclasses.dataclass
 class Batch:
     keys: list[str]                     # [B] sample keys, in placement order
@@ -110,9 +114,11 @@ class Batch:
         return self.attention_mask is None
 
     def to(self, device: torch.device | str) -> Batch:
+        """The model's inputs on `device`; the span and length metadata stay on the host, where the
+        TGA pooling reads them as index lists (on a GPU each read would wait for the device)."""
         return dataclasses.replace(self, **{
             f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)})
+            if isinstance(getattr(self, f.name), torch.Tensor) and f.name not in _HOST_FIELDS})
 
 
 def collate(samples: list[Encoded], pad_id: int, packed: bool = False, single_row: bool = True,
