@@ -73,7 +73,7 @@ class Variant:
     name: str
     seconds: list[float]         # timed steps
     peak_gib: float | None       # CUDA only
-    caption_forward: bool        # the TGA text forward ran in its steps
+    caption_forward_ran: bool    # the TGA text forward ran in its steps
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -268,7 +268,7 @@ def encode(assembled, cfg, records: list[dict], stage: str) -> list:
     shard samples; an image sample's retrieved text is the next image record's caption."""
     from pipeline.data.batch import SampleEncoder
     from pipeline.data.shards import ShardSample
-    from pipeline.tga.prompt import Rejected
+    from pipeline.conventions import Reject
 
     encoder = SampleEncoder(assembled.tokenizer, assembled.image_processor, num_image_tokens=assembled.num_image_tokens,
                             template=cfg.prompt.template, insert_retrieved=cfg.prompt.insert_retrieved,
@@ -281,7 +281,7 @@ def encode(assembled, cfg, records: list[dict], stage: str) -> list:
         retrieved = retrieved if r["image"] else []
         sample = encoder(ShardSample(r["key"], r["image"], {"key": r["key"], "conversations": r["conversations"],
                                                            "image_caption": r["caption"], "retrieved": retrieved}))
-        if isinstance(sample, Rejected):
+        if isinstance(sample, Reject):
             raise SystemExit(f"{r['key']}: rejected by SampleEncoder ({sample.reason}); raise prompt.max_tokens")
         encoded.append(sample)
     return encoded
@@ -323,7 +323,7 @@ def run_stage(stage: str, args, sizes: Sizes, records: list[dict], tmp: Path, dt
     variants = [time_variant(name, engine, batch, targets, tga, args) for name, batch, tga in runs]
     padded, flops = batches["padded"], StepFlops.of(engine.module, caption_layers=targets.depth)
     # the same model FLOPs the training loop logs (pipeline.train.metrics.batch_flops)
-    step_flops = {v.name: batch_flops(flops, batch, v.caption_forward) for v, (_, batch, _) in zip(variants, runs)}
+    step_flops = {v.name: batch_flops(flops, batch, v.caption_forward_ran) for v, (_, batch, _) in zip(variants, runs)}
     print_table(variants, int(padded.seq_lens.sum()), step_flops,
                 peak_flops_per_device(engine.device, args.peak_tflops), args.warmup)
     print_memory_plan(cfg, padded, engine.module.config.image_seq_length, variants)

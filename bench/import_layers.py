@@ -22,7 +22,7 @@ from pathlib import Path
 
 LOOP = "pipeline.train.loop"
 PREFLIGHT = "pipeline.train.dry_run"
-LOADER_MODULES = ("pipeline.data.loader", "pipeline.data.mixture", "pipeline.train.epochs")
+LOADER_MODULES = ("pipeline.data.loader", "pipeline.data.mixture")
 MAX_FUNCTION_LINES = 60
 
 

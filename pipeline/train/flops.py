@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.model.lora import is_lora_parameter
+
 # Dense bf16 tensor-core TFLOP/s per device, from the vendor data sheets (their headline numbers
 # are with 2:4 sparsity: twice these). A key matches the name torch reports ("NVIDIA H100 PCIe",
 # "NVIDIA A100-SXM4-80GB", "NVIDIA GH200 480GB") when each of its words is a whole word of the name,
@@ -36,7 +38,7 @@ class StepFlops:
     llm_params: int        # language model matmul weights (embedding lookup excluded, lm_head included)
     llm_layers: int
     llm_hidden: int
-    llm_trains: bool
+    llm_trains: bool       # the LLM's own weights train (LoRA's adapters do not count: no weight grads of N)
     vision_params: int
     vision_layers: int
     vision_hidden: int
@@ -68,7 +70,7 @@ class StepFlops:
         llm_params += head
         return cls(
             llm_params=llm_params, llm_layers=text.num_hidden_layers, llm_hidden=text.hidden_size,
-            llm_trains=any(p.requires_grad for p in llm.parameters()),
+            llm_trains=any(p.requires_grad for n, p in llm.named_parameters() if not is_lora_parameter(n)),
             vision_params=count(model.model.vision_tower, skip=("embeddings",)),
             vision_layers=vision.num_hidden_layers, vision_hidden=vision.hidden_size,
             vision_tokens=(vision.image_size // vision.patch_size) ** 2 + 1,
