@@ -66,7 +66,8 @@ def test_caption_targets_are_cached_only_when_fixed_and_met_twice_and_ride_in_ro
     assert caption_plan("stage2", epochs=2) == plan.CaptionPlan(in_rows=True, cached=False)   # packed, LLM trains
     assert caption_plan("stage2", epochs=2, caption_forward="separate") == plan.CaptionPlan(False, False)
     # LoRA's adapters change the targets (never cached); its dropout keeps them out of the rows
-    assert caption_plan("stage2", epochs=2, trainable="[projector]", **{"lora.rank": 4}) == plan.CaptionPlan(False, False)
+    lora = {"trainable": "[projector]", "lora.rank": 4}
+    assert caption_plan("stage2", epochs=2, **lora) == plan.CaptionPlan(in_rows=False, cached=False)
     plain = {"tga.align_on": "false", "tga.pair_on": "false"}  # plain LLaVA training: no caption targets
     assert caption_plan("stage2", **plain).describe() == "a separate forward"
 

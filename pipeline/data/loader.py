@@ -69,7 +69,8 @@ def batches_per_epoch(sets: list[ShardSet], world_size: int, cfg: LoaderConfig) 
         for rank in range(world_size))
 
 
-def encode_samples(drawn: Iterator[tuple[ShardSample | Skip, Cursor]], encode: Callable[[ShardSample], Any],
+def encode_samples(drawn: Iterator[tuple[ShardSample | Skip, Cursor]],
+                   encode: Callable[[ShardSample], EncodedSample | Reject],
                    rank: int) -> Iterator[tuple[EncodedSample | Skip, Cursor]]:
     """Each drawn sample as `encode` makes it (a `SampleEncoder`: an `EncodedSample`), a `Reject`
     as a skip counted by its reason."""
@@ -173,7 +174,7 @@ class ShardBatches(IterableDataset):
                 # The state seen with a batch resumes right after it: past the group after its
                 # last batch, else at the group's start with the count of its batches done.
                 last = index == len(batches) - 1
-                self.at = ResumePoint(self.at.epoch, end, 0) if last else dataclasses.replace(self.at, yielded=index + 1)
+                self.at = ResumePoint(self.at.epoch, end) if last else dataclasses.replace(self.at, yielded=index + 1)
                 yield self.collate(batches[index])
             if len(group) < group_size:  # the shards are spent
                 break

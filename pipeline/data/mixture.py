@@ -126,15 +126,16 @@ class Mixture:
             order = self.shard_order(index, pass_)
             while cursor < len(order):
                 url, size = order[cursor]
-                for at, sample in self._shard(url, size, offset):
-                    if isinstance(sample, Skip):
-                        yield sample
+                for item in self._shard(url, size, offset):
+                    if isinstance(item, Skip):
+                        yield item
                         continue
+                    at, sample = item
                     yield sample, (pass_, cursor, at + 1) if at + 1 < size else (pass_, cursor + 1, 0)
                 cursor, offset = cursor + 1, 0
             pass_, cursor = pass_ + 1, 0
 
-    def _shard(self, url: str, size: int, offset: int) -> Iterator[tuple[int, ShardSample | Skip | None]]:
+    def _shard(self, url: str, size: int, offset: int) -> Iterator[tuple[int, ShardSample | None] | Skip]:
         """(position, sample) for positions offset..size-1 of one shard; with bad_shards=skip the
         positions it could not deliver come as (position, None), after their `Skip`s."""
         read, failure = 0, None
@@ -156,8 +157,7 @@ class Mixture:
                 raise ShardReadError(failure)
         if failure is not None:
             lost = size - max(read, offset)
-            yield -1, Skip("bad_shard_samples", lost,
-                           f"rank {self.rank} skips {lost} sample(s) of a bad shard: {failure}")
-            yield -1, Skip("bad_shards")
+            yield Skip("bad_shard_samples", lost, f"rank {self.rank} skips {lost} sample(s) of a bad shard: {failure}")
+            yield Skip("bad_shards")
             for at in range(max(read, offset), size):
                 yield at, None

@@ -191,8 +191,8 @@ class _SampleWriter:
                 key, image = next(images)
                 assert key == sample.key, f"staging order broken at {key} != {sample.key}"
                 if sample.key not in self.key_rows:
-                    rejects.append(Reject("no_embedding", "clip-retrieval returned no embedding (see the inference log)",
-                                          key=sample.key, position=sample.position))
+                    rejects.append(Reject("no_embedding", "clip-retrieval returned no embedding (see the inference "
+                                          "log)", key=sample.key, position=sample.position))
                     continue
             samples.append((sample, image))
         if not samples:
