@@ -38,11 +38,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from bench_tga_overhead import benchmark_arguments, llm_for, time_round_robin, tiny_world  # noqa: E402
+from pipeline.conventions import Reject  # noqa: E402
 from pipeline.data.batch import SampleEncoder, collate  # noqa: E402
 from pipeline.data.shards import ShardSample  # noqa: E402
 from pipeline.model.assemble import ModelConfig, apply_freeze, build_llava  # noqa: E402
 from pipeline.tga.loss import TGAConfig  # noqa: E402
-from pipeline.tga.prompt import Rejected  # noqa: E402
 from pipeline.train.step import CaptionTargets, tga_forward  # noqa: E402
 
 TINY_CONFIG = REPO / "configs" / "tiny" / "stage2.yaml"
@@ -63,7 +63,7 @@ def stage2_samples(world, assembled, prompt: dict, batch_size: int) -> list:
                 "retrieved": [{"text": records[i + 1]["conversations"][1]["value"], "score": 0.5,
                                "caption_id": f"c{i}"}] if image else []}
         sample = encoder(ShardSample(meta["key"], image, meta))
-        if not isinstance(sample, Rejected):
+        if not isinstance(sample, Reject):
             encoded.append(sample)
         if len(encoded) == batch_size:
             return encoded

@@ -49,11 +49,12 @@ from transformers.utils import logging as transformers_logging
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from pipeline.conventions import Reject  # noqa: E402
 from pipeline.data.batch import Batch, SampleEncoder, collate  # noqa: E402
 from pipeline.data.shards import ShardSample  # noqa: E402
 from pipeline.model.assemble import AssembledModel, ModelConfig, apply_freeze, build_llava  # noqa: E402
 from pipeline.tga.loss import TGAConfig, pool_caption_targets, tga_loss  # noqa: E402
-from pipeline.tga.prompt import IGNORE_INDEX, Rejected  # noqa: E402
+from pipeline.tga.prompt import IGNORE_INDEX  # noqa: E402
 from pipeline.tinyworld import WorldPaths, ensure  # noqa: E402
 from pipeline.train.step import CaptionTargets, tga_forward  # noqa: E402
 
@@ -118,7 +119,7 @@ def real_batch(world: WorldPaths, assembled: AssembledModel, prompt: dict, batch
         meta = {"key": f"s1_{i:06d}", "conversations": record["conversations"], "image_caption": caption,
                 "retrieved": [{"text": retrieved, "score": 0.5, "caption_id": f"c{i + 1}"}]}
         sample = encoder(ShardSample(meta["key"], (world.images / record["image"]).read_bytes(), meta))
-        if isinstance(sample, Rejected):
+        if isinstance(sample, Reject):
             raise SystemExit(f"{world.stage1_json}: record {record['id']} rejected: {sample.reason}")
         encoded.append(sample)
     return collate(encoded, assembled.tokenizer.pad_token_id, **layout)

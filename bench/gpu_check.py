@@ -64,7 +64,7 @@ class Variant:
     name: str
     seconds: list[float]         # timed steps
     peak_gib: float | None       # CUDA only
-    caption_forward: bool        # the TGA text forward ran in its steps
+    caption_forward_ran: bool    # the TGA text forward ran in its steps
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -283,7 +283,7 @@ def run_stage(stage: str, args, sizes: Sizes, records: list[dict], tmp: Path, dt
     variants = [time_variant(name, engine, batch, targets, tga, args) for name, batch, tga in runs]
     padded, flops = batches["padded"], StepFlops.of(engine.module, caption_layers=targets.depth)
     # the same model FLOPs the training loop logs (pipeline.train.metrics.batch_flops)
-    step_flops = {v.name: batch_flops(flops, batch, v.caption_forward) for v, (_, batch, _) in zip(variants, runs)}
+    step_flops = {v.name: batch_flops(flops, batch, v.caption_forward_ran) for v, (_, batch, _) in zip(variants, runs)}
     print_table(variants, int(padded.seq_lens.sum()), step_flops,
                 peak_flops_per_device(engine.device, args.peak_tflops), args.warmup)
     print_memory_plan(cfg, padded, engine.module.config.image_seq_length, variants)
@@ -381,7 +381,7 @@ def time_variant(name: str, engine, batch, targets, tga_cfg, args) -> Variant:
         if step >= args.warmup:
             seconds.append(time.perf_counter() - started)
     return Variant(name, seconds, torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                   caption_forward=targets.forwards > forwards)
+                   caption_forward_ran=targets.forwards > forwards)
 
 
 def print_table(variants: list[Variant], tokens: int, step_flops: dict, peak_flops: float | None, warmup: int) -> None:

@@ -126,7 +126,7 @@ def encode(assembled, cfg, records: list[dict], stage: str) -> list:
     shard samples; an image sample's retrieved text is the next image record's caption."""
     from pipeline.data.batch import SampleEncoder
     from pipeline.data.shards import ShardSample
-    from pipeline.tga.prompt import Rejected
+    from pipeline.conventions import Reject
 
     encoder = SampleEncoder(assembled.tokenizer, assembled.image_processor, num_image_tokens=assembled.num_image_tokens,
                             template=cfg.prompt.template, insert_retrieved=cfg.prompt.insert_retrieved,
@@ -139,7 +139,7 @@ def encode(assembled, cfg, records: list[dict], stage: str) -> list:
         retrieved = retrieved if r["image"] else []
         sample = encoder(ShardSample(r["key"], r["image"], {"key": r["key"], "conversations": r["conversations"],
                                                            "image_caption": r["caption"], "retrieved": retrieved}))
-        if isinstance(sample, Rejected):
+        if isinstance(sample, Reject):
             raise SystemExit(f"{r['key']}: rejected by SampleEncoder ({sample.reason}); raise prompt.max_tokens")
         encoded.append(sample)
     return encoded

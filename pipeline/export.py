@@ -44,7 +44,7 @@ from transformers import LlavaProcessor
 from transformers.models.llava import LlavaImageProcessor
 
 from pipeline.config import ConfigError, load_config
-from pipeline.data.llava import IMAGE_TOKEN
+from pipeline.conventions import IMAGE_TOKEN
 from pipeline.model.assemble import AssembledModel, apply_freeze, build_llava, projector_state_dict, save_projector
 from pipeline.model.lora import add_lora
 from pipeline.model_card import training_data, write_card

@@ -3,20 +3,20 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.data.batch import Batch, Encoded, collate
-from pipeline.tga.prompt import IGNORE_INDEX, EncodedSample
+from pipeline.data.batch import Batch, EncodedSample, collate
+from pipeline.tga.prompt import IGNORE_INDEX, EncodedPrompt
 
 PAD = 0
 
 
 def _sample(key: str, length: int, *, image: tuple[int, int] | None = None, retrieved=None,
-            caption: list[int] | None = None) -> Encoded:
+            caption: list[int] | None = None) -> EncodedSample:
     ids = [100 + i for i in range(length)]
     labels = [IGNORE_INDEX] * (length - 2) + ids[-2:]
-    text = EncodedSample(ids, labels, image, retrieved, caption or [],
+    text = EncodedPrompt(ids, labels, image, retrieved, caption or [],
                          (1, len(caption)) if caption else None)
     pixels = torch.full((3, 2, 2), float(length)) if image is not None else None
-    return Encoded(key, text, pixels)
+    return EncodedSample(key, text, pixels)
 
 
 def test_padded_batch_right_pads_and_marks_absent_spans_as_empty():

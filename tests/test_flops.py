@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.data.batch import Encoded, collate
+from pipeline.data.batch import EncodedSample, collate
 from pipeline.model.assemble import ModelConfig, apply_freeze, build_llava
 from pipeline.train.flops import StepFlops, peak_flops_per_device, peak_tflops_of
 from pipeline.train.metrics import StepMeter
@@ -63,7 +63,7 @@ def test_step_flops_count_weights_attention_and_the_frozen_parts_by_hand():
 def test_meter_reports_tflops_and_mfu_against_the_given_peak(assembled):
     text = type("T", (), {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "image_span": None,
                           "retrieved_span": None, "caption_input_ids": [], "caption_span": None})()
-    sample = Encoded("k", text, pixel_values=None)
+    sample = EncodedSample("k", text, pixel_values=None)
     meter = StepMeter(StepFlops.of(assembled.model), peak_flops=1e9)
     for packed in (False, True):
         meter.micro(collate([sample, sample], pad_id=0, packed=packed), {})

@@ -5,12 +5,12 @@ import json
 
 import pytest
 
+from pipeline.conventions import Reject
 from pipeline.data.llava import (
     REASONS,
     LlavaInputError,
     LlavaSample,
     RawRecord,
-    Reject,
     estimate_tokens,
     first_answer,
     read_records,

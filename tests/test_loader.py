@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from pipeline.data.loader import LoaderConfig, batches_per_epoch, build_loader
+from pipeline.data.loader import LoaderConfig, batches_per_epoch, build_loader, length_grouped
 from pipeline.data.shards import ShardCountWarning, write_manifest
 from pipeline.data.sources import DatasetConfig, resolve
 from tests.conftest import write_training_shards
@@ -111,3 +111,24 @@ def test_resume_inside_a_length_group_continues_with_exactly_the_next_batch(shar
         resumed = make_loader(shards, rank, groups=3)
         resumed.load_state_dict(state)
         assert head + list(resumed) == full, f"rank {rank}: resumed order differs"
+
+
+def test_the_resume_state_is_the_flat_dict_earlier_checkpoints_hold(shards):
+    """Checkpoints written before the loader became a chain hold these keys and values: they load."""
+    loader = make_loader(shards, 0, workers=0, groups=3)
+    batches = iter(loader)
+    head = [next(batches) for _ in range(2)]
+    state = loader.dataset.state_dict()
+    assert set(state) == {"epoch", "draws", "positions", "yielded", "skipped"}
+    assert state["yielded"] == 2 and state["draws"] == 0  # inside the first length group: its start, 2 done
+    assert all(isinstance(p, list) and len(p) == 3 for p in state["positions"])
+    resumed = make_loader(shards, 0, workers=0, groups=3)
+    resumed.dataset.load_state_dict({k: v for k, v in state.items() if k != "skipped"})  # older: no skips
+    assert head + list(resumed) == list(make_loader(shards, 0, workers=0, groups=3))
+
+
+def test_length_grouping_is_a_stable_sort_into_full_batches():
+    assert length_grouped([5, 1, 4, 1, 3, 9, 2], 3, length=lambda x: x) == [[1, 1, 3], [4, 5, 9]]
+    assert length_grouped([5, 1, 4, 1, 3, 9, 2], 3, length=None) == [[5, 1, 4], [1, 3, 9]]  # as read
+    pairs = [("b", 1), ("a", 1), ("c", 0)]
+    assert length_grouped(pairs, 3, length=lambda p: p[1]) == [[("c", 0), ("b", 1), ("a", 1)]]  # ties keep order

@@ -24,6 +24,7 @@ from pipeline.model.lora import LoraConfig, add_lora, is_lora_parameter
 from pipeline.tga.loss import TGAConfig
 from pipeline.train.checkpoint import export_full_state_dict, saved_steps
 from pipeline.train.config import TrainConfig
+from pipeline.train.plan import adapters_train, caption_targets_can_be_cached, llm_weights_train
 from pipeline.train.step import CaptionTargets, tga_forward
 from tests.conftest import write_training_shards
 from tests.stage_runner import REPO, consumed_keys, metrics_by_step, stage_overrides
@@ -81,7 +82,8 @@ def test_lora_with_the_whole_llm_trainable_is_refused_and_the_7b_lora_config_loa
     cfg = load_config(TrainConfig, REPO / "configs/stage2_lora.yaml", [
         f"shards={shards}", f"model.llm={tiny_world.llm}", f"model.vision_tower={tiny_world.clip}",
         "model.projector=null"])
-    assert cfg.lora.rank == 128 and cfg.trainable == ["projector"] and not cfg.caption_targets_frozen
+    assert cfg.lora.rank == 128 and cfg.trainable == ["projector"] and adapters_train(cfg)
+    assert not llm_weights_train(cfg) and not caption_targets_can_be_cached(cfg)  # the adapters change the targets
 
 
 @pytest.mark.slow

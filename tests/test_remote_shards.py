@@ -11,6 +11,7 @@ import shutil
 import pytest
 
 from pipeline.data.loader import LoaderConfig, ShardBatches, batches_per_epoch, build_loader
+from pipeline.data.mixture import Cursor, Mixture
 from pipeline.data.shards import ShardReadError, ShardWriter, iter_shard, shard_name, write_manifest
 from pipeline.data.sources import DatasetConfig, resolve
 from tests.http_shards import ShardServer
@@ -181,6 +182,16 @@ def test_a_mixture_resumes_with_exactly_the_next_batch(sets, server, stop_after,
         resumed = loader(over_http, rank=rank, world=2, length_group_batches=groups)
         resumed.load_state_dict(first.state_dict())
         assert head + list(resumed) == full, f"rank {rank}"
+
+
+def test_a_mixture_read_from_any_cursor_continues_exactly_as_the_whole_read(sets):
+    """The cursor after a sample is all a resume needs: reading from it gives the rest of the epoch."""
+    mix = Mixture(mixture(sets), seed=3, epoch=1, rank=0, world_size=2)
+    whole = list(mix.read(Cursor.start(2)))
+    assert len(whole) == mix.draws_per_epoch() == 60 and whole[-1][1].draws == 60
+    for k in (0, 1, 17, 59):
+        sample, cursor = whole[k]
+        assert [(s.key, s.dataset) for s, _ in mix.read(cursor)] == [(s.key, s.dataset) for s, _ in whole[k + 1:]]
 
 
 def test_a_config_names_one_set_or_a_mixture(tmp_path, sets):

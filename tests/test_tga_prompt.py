@@ -10,7 +10,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
-from pipeline.tga.prompt import IGNORE_INDEX, EncodedSample, Rejected, build_sample
+from pipeline.conventions import Reject
+from pipeline.tga.prompt import IGNORE_INDEX, EncodedPrompt, build_sample
 from pipeline.tga.templates import LLAMA2_SYSTEM, TEMPLATES, VICUNA_SYSTEM
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<|im_start|>", "<|im_end|>"]
@@ -81,7 +82,7 @@ def tokenizer(request):
     return _wrap(request.getfixturevalue("byte_level"))
 
 
-def _build(tokenizer, conversation=CONVERSATION, template="vicuna_v1", **overrides) -> EncodedSample | Rejected:
+def _build(tokenizer, conversation=CONVERSATION, template="vicuna_v1", **overrides) -> EncodedPrompt | Reject:
     kwargs = dict(template=template, image_caption=CAPTION, retrieved_text=RETRIEVED, insert_retrieved=True,
                   num_image_tokens=N_IMAGE, max_tokens=1024)
     return build_sample(tokenizer, conversation, **{**kwargs, **overrides})
@@ -96,7 +97,7 @@ def _decodes_to(tokenizer, ids, text) -> bool:
     return _decode(tokenizer, ids) in (text, " " + text)
 
 
-def _label_runs(sample: EncodedSample) -> list[list[int]]:
+def _label_runs(sample: EncodedPrompt) -> list[list[int]]:
     runs, current = [], []
     for token, label in zip(sample.input_ids, sample.labels):
         if label != IGNORE_INDEX:
@@ -231,7 +232,7 @@ def test_text_only_sample_has_no_image_span_and_keeps_its_question_verbatim(toke
 def test_truncation_that_would_cut_the_image_rejects_the_sample(tokenizer):
     full = _build(tokenizer)
     rejected = _build(tokenizer, max_tokens=full.image_span[1] - 1)
-    assert isinstance(rejected, Rejected) and rejected.reason == "image_truncated"
+    assert isinstance(rejected, Reject) and rejected.reason == "image_truncated"
 
 
 def test_tail_truncation_cuts_ids_and_labels_and_keeps_spans_valid(tokenizer):
@@ -246,7 +247,7 @@ def test_truncation_that_leaves_no_answer_token_rejects_the_sample(tokenizer):
     full = _build(tokenizer)
     first_label = next(i for i, label in enumerate(full.labels) if label != IGNORE_INDEX)
     rejected = _build(tokenizer, max_tokens=first_label)
-    assert isinstance(rejected, Rejected) and rejected.reason == "no_answer_tokens"
+    assert isinstance(rejected, Reject) and rejected.reason == "no_answer_tokens"
 
 
 def test_caption_prompt_is_cut_to_max_tokens_with_its_span(byte_level):

@@ -28,10 +28,10 @@ from matplotlib.figure import Figure
 
 from pipeline.analysis.model_folder import LoadedModel, ModelFolderError, load_model_folder
 from pipeline.analysis.report import add_mlflow_arguments, log_report, resolve_target
-from pipeline.data.batch import Batch, Encoded, SampleEncoder, collate
+from pipeline.conventions import Reject
+from pipeline.data.batch import Batch, EncodedSample, SampleEncoder, collate
 from pipeline.data.shards import SHARD_PREFIX, ShardFormatError, iter_shard
 from pipeline.tga.loss import COS_EPS, pool_caption_targets, span_means
-from pipeline.tga.prompt import Rejected
 from pipeline.train.plots import save_png
 
 TOOL = "alignment"
@@ -65,7 +65,7 @@ def shard_paths(folder: str | Path) -> list[Path]:
 
 
 def aligned_samples(shards: list[Path], encoder: SampleEncoder, limit: int,
-                    include_toxic: bool = False) -> tuple[list[Encoded], dict]:
+                    include_toxic: bool = False) -> tuple[list[EncodedSample], dict]:
     """The first `limit` samples that have both an image and a caption target, and why others did not.
     Training gives samples flagged toxic (they retrieved a toxic text) no caption target;
     `include_toxic` measures them too, which is the point when the shards hold toxic eval pictures."""
@@ -79,7 +79,7 @@ def aligned_samples(shards: list[Path], encoder: SampleEncoder, limit: int,
             except ValueError as err:  # a malformed conversation: counted, the rest still counts
                 skipped[f"invalid: {err}"[:120]] += 1
                 continue
-            if isinstance(encoded, Rejected):
+            if isinstance(encoded, Reject):
                 skipped[encoded.reason] += 1
             elif encoded.text.image_span is None:
                 skipped["no_image"] += 1
@@ -117,7 +117,7 @@ def batch_cosines(loaded: LoadedModel, batch: Batch, layers: list[int]) -> torch
     return cosines.cpu()
 
 
-def measure(loaded: LoadedModel, samples: list[Encoded], batch_size: int) -> torch.Tensor:
+def measure(loaded: LoadedModel, samples: list[EncodedSample], batch_size: int) -> torch.Tensor:
     """[L+1, N] cosines at every hidden_states index for every sample."""
     layers = list(range(loaded.num_layers + 1))
     pad_id = loaded.tokenizer.pad_token_id

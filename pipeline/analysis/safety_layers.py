@@ -28,8 +28,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pipeline.analysis.model_folder import LoadedModel, ModelFolderError, chat_prompt, load_model_folder, text_parts
-from pipeline.data.llava import IMAGE_TOKEN
 from pipeline.analysis.report import add_mlflow_arguments, log_report, resolve_target
+from pipeline.conventions import IMAGE_TOKEN
 from pipeline.train.plots import save_png
 
 DEFAULT_REFUSAL_WORDS = ("Sorry", "sorry", "I", "Unfortunately")

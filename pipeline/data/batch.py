@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Any
 
 import torch
 from PIL import Image
 
-from pipeline.tga.prompt import IGNORE_INDEX, Rejected, Span, build_sample
+from pipeline.conventions import Reject
+from pipeline.tga.prompt import IGNORE_INDEX, EncodedPrompt, Span, build_sample
 
 
 @dataclasses.dataclass
-class Encoded:
+class EncodedSample:
     key: str
-    text: Any                      # pipeline.tga.prompt.EncodedSample
+    text: EncodedPrompt            # token ids, labels and the spans TGA pools over
     pixel_values: torch.Tensor | None
     dataset: str = ""              # the data set (mixture entry) it was drawn from
 
@@ -56,7 +56,7 @@ class SampleEncoder:
             image = expand_to_square(image, self.fill)
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
-    def __call__(self, sample) -> Encoded | Rejected:
+    def __call__(self, sample) -> EncodedSample | Reject:
         meta = sample.meta
         retrieved = meta.get("retrieved") or []
         # Toxic samples keep their CE loss but get no alignment target (as the reference intends):
@@ -68,14 +68,14 @@ class SampleEncoder:
             retrieved_text=retrieved[0]["text"] if retrieved and sample.image is not None else None,
             insert_retrieved=self.insert_retrieved, num_image_tokens=self.num_image_tokens,
             max_tokens=self.max_tokens)
-        if isinstance(text, Rejected):
+        if isinstance(text, Reject):
             return text
         # the join wrote image bytes exactly for the records whose first turn holds the placeholder
         try:
             pixels = self.pixels(sample.image) if sample.image is not None else None
         except (OSError, ValueError) as err:
-            return Rejected("undecodable_image", f"{type(err).__name__}: {err}")
-        return Encoded(sample.key, text, pixels, getattr(sample, "dataset", ""))
+            return Reject("undecodable_image", f"{type(err).__name__}: {err}")
+        return EncodedSample(sample.key, text, pixels, getattr(sample, "dataset", ""))
 
 
 _HOST_FIELDS = frozenset({"seq_lens", "image_spans", "retrieved_spans", "span_rows", "caption_spans", "caption_lens",
@@ -121,7 +121,7 @@ class Batch:
             if isinstance(getattr(self, f.name), torch.Tensor) and f.name not in _HOST_FIELDS})
 
 
-def collate(samples: list[Encoded], pad_id: int, packed: bool = False, single_row: bool = True,
+def collate(samples: list[EncodedSample], pad_id: int, packed: bool = False, single_row: bool = True,
             captions_in_row: bool = False) -> Batch:
     """Right-padded rows, or with `packed` padding-free rows: one row (flash-attention's varlen
     kernels) or, `single_row=False`, first-fit-decreasing rows as long as the longest sample (dense
@@ -145,22 +145,7 @@ def collate(samples: list[Encoded], pad_id: int, packed: bool = False, single_ro
     if captions_in_row:
         _append_captions(segments, [s.text.caption_input_ids for s in placed], single_row)
     width = max(1, max(sum(len(seg[2]) for seg in row) for row in segments))
-    input_ids, labels, position_ids, starts = [], [], [], []
-    where: dict[tuple[int, bool], tuple[int, int]] = {}  # (placed index, caption) -> (row, offset)
-    for r, row in enumerate(segments):
-        ids, labs, pos = [], [], []
-        for k, caption, seg_ids, seg_labels in row:
-            where[k, caption] = (r, len(ids))
-            starts.append(r * width + len(ids))
-            ids += seg_ids
-            labs += seg_labels
-            pos += range(len(seg_ids))
-        fill = width - len(ids)
-        if fill:  # packed: the pad tokens that end a row form a segment of their own, labels ignored
-            starts.append(r * width + len(ids))
-        input_ids.append(ids + [pad_id] * fill)
-        labels.append(labs + [IGNORE_INDEX] * fill)
-        position_ids.append(pos + list(range(fill)))
+    input_ids, labels, position_ids, starts, where = _lay_out(segments, width, pad_id)
     offsets = [where[k, False][1] for k in range(len(placed))]
     images = [s.pixel_values for s in placed if s.pixel_values is not None]
     long = dict(dtype=torch.long)
@@ -183,6 +168,28 @@ def collate(samples: list[Encoded], pad_id: int, packed: bool = False, single_ro
         max_length=int(bounds.diff().max()) if packed else 0,
         datasets=[s.dataset for s in placed],
     )
+
+
+def _lay_out(segments: list[list[tuple]], width: int, pad_id: int):
+    """Rows of `width` tokens from their segments: (input ids, labels, position ids — each [R][width]
+    —, segment starts over the flattened rows, and (placed index, caption) -> (row, offset))."""
+    input_ids, labels, position_ids, starts = [], [], [], []
+    where: dict[tuple[int, bool], tuple[int, int]] = {}
+    for r, row in enumerate(segments):
+        ids, labs, pos = [], [], []
+        for k, caption, seg_ids, seg_labels in row:
+            where[k, caption] = (r, len(ids))
+            starts.append(r * width + len(ids))
+            ids += seg_ids
+            labs += seg_labels
+            pos += range(len(seg_ids))
+        fill = width - len(ids)
+        if fill:  # packed: the pad tokens that end a row form a segment of their own, labels ignored
+            starts.append(r * width + len(ids))
+        input_ids.append(ids + [pad_id] * fill)
+        labels.append(labs + [IGNORE_INDEX] * fill)
+        position_ids.append(pos + list(range(fill)))
+    return input_ids, labels, position_ids, starts, where
 
 
 def _append_captions(segments: list[list[tuple]], captions: list[list[int]], single_row: bool) -> None:
@@ -224,7 +231,7 @@ def _spans(values: list[Span | None], offsets: list[int]) -> torch.Tensor:
                          for v, o in zip(values, offsets)], dtype=torch.long)
 
 
-def _row_captions(samples: list[Encoded], where: dict[tuple[int, bool], tuple[int, int]]) -> dict:
+def _row_captions(samples: list[EncodedSample], where: dict[tuple[int, bool], tuple[int, int]]) -> dict:
     at = [where.get((k, True)) for k in range(len(samples))]  # (row, offset) of each caption segment
     return {"caption_input_ids": None, "caption_attention_mask": None,
             "caption_spans": _spans([s.text.caption_span if a else None for s, a in zip(samples, at)],
@@ -233,11 +240,11 @@ def _row_captions(samples: list[Encoded], where: dict[tuple[int, bool], tuple[in
             "caption_rows": torch.tensor([a[0] if a else 0 for a in at], dtype=torch.long)}
 
 
-def _caption_lens(samples: list[Encoded]) -> torch.Tensor:
+def _caption_lens(samples: list[EncodedSample]) -> torch.Tensor:
     return torch.tensor([len(s.text.caption_input_ids) for s in samples], dtype=torch.long)
 
 
-def _captions(samples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+def _captions(samples: list[EncodedSample], pad_id: int) -> dict[str, torch.Tensor]:
     # A sample without caption gets one attended pad token: a fully masked attention row turns
     # into NaN in SDPA. Its caption span stays (0, 0), so it never reaches the loss.
     captions = [s.text.caption_input_ids or [pad_id] for s in samples]

@@ -17,9 +17,7 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Literal
 
-# The placeholder of LLaVA data, and the token the model's tokenizer gets for it: the one spelling
-# every stage (join, training, export, evaluation) uses.
-IMAGE_TOKEN = "<image>"
+from pipeline.conventions import IMAGE_TOKEN, Reject
 
 # Every reason a record can be rejected for; rejects.parquet and stats.json use these strings.
 REASONS = (
@@ -63,14 +61,6 @@ class LlavaSample:
     position: int
     image: str | None         # relative path under the image root; None for text-only
     conversations: list[dict]
-
-
-@dataclasses.dataclass(frozen=True)
-class Reject:
-    key: str
-    position: int
-    reason: str
-    detail: str = ""
 
 
 def read_records(path: Path) -> list[RawRecord]:
@@ -141,8 +131,8 @@ def validate_records(raw: Iterable[RawRecord],
             count = taken.get(result.key, 0)
             taken[result.key] = count + 1
             if count and duplicate_ids == "reject":
-                result = Reject(result.key, record.position, "duplicate_id",
-                                f"id {result.id!r} (key {result.key}) already used by an earlier record")
+                result = Reject("duplicate_id", f"id {result.id!r} (key {result.key}) already used by an earlier "
+                                "record", key=result.key, position=record.position)
             elif count:
                 new_key = f"{result.key}_dup{count}"
                 while new_key in taken:  # an id in the file may already look like a suffixed one
@@ -158,19 +148,19 @@ def validate_record(record: RawRecord) -> LlavaSample | Reject:
     """One record → a sample, or a reject naming the first problem found."""
     position = record.position
     if record.error:
-        return Reject(position_key(position), position, record.error, record.detail)
+        return Reject(record.error, record.detail, key=position_key(position), position=position)
     value = record.value
     if not isinstance(value, dict):
-        return Reject(position_key(position), position, "not_an_object", f"got {type(value).__name__}")
+        return Reject("not_an_object", f"got {type(value).__name__}", key=position_key(position), position=position)
     record_id = value.get("id")
     if isinstance(record_id, int) and not isinstance(record_id, bool):
         record_id = str(record_id)
     if not isinstance(record_id, str) or not record_id.strip():
-        return Reject(position_key(position), position, "missing_id", f"id is {record_id!r}")
+        return Reject("missing_id", f"id is {record_id!r}", key=position_key(position), position=position)
     key = sample_key(record_id)
 
     def reject(reason: str, detail: str) -> Reject:
-        return Reject(key, position, reason, detail)
+        return Reject(reason, detail, key=key, position=position)
 
     conversations = value.get("conversations")
     if not isinstance(conversations, list) or not conversations:

@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 from pipeline.analysis.model_folder import LoadedModel
+from pipeline.conventions import Reject
 from pipeline.eval.queries import IMAGE, EvalDataError, Query
-from pipeline.tga.prompt import IGNORE_INDEX, Rejected, build_sample
+from pipeline.tga.prompt import IGNORE_INDEX, build_sample
 
 # Stands in for the answer so that build_sample marks where it begins; never shown to the model.
 _ANSWER_PLACEHOLDER = "answer"
@@ -72,7 +73,7 @@ class ModelGenerator:
             raise EvalDataError(f"query {query.id} ({query.modality}): the prompt cannot be built with "
                                 f"chat template '{self.template}' ({err}); for a folder whose template "
                                 "reads only list contents pass --template (e.g. vicuna_v1)") from None
-        if isinstance(sample, Rejected):
+        if isinstance(sample, Reject):
             raise EvalDataError(f"query {query.id} ({query.modality}): prompt rejected ({sample.reason}: "
                                 f"{sample.detail})")
         answer_at = next(i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX)

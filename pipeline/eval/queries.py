@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.llava import IMAGE_TOKEN
+from pipeline.conventions import IMAGE_TOKEN
 
 IMAGE = "image"
 TEXT = "text"

@@ -31,7 +31,7 @@ from transformers.integrations import deepspeed as deepspeed_integration
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from pipeline.config import InputPath
-from pipeline.data.llava import IMAGE_TOKEN
+from pipeline.conventions import IMAGE_TOKEN
 from pipeline.model import attention
 from pipeline.model.lora import is_lora_parameter
 
@@ -120,25 +120,13 @@ def build_llava(cfg: ModelConfig, device_type: str = "cpu") -> AssembledModel:
     dtype = resolve_dtype(cfg.dtype, device_type)
     attn = resolve_attention(cfg.attn_implementation, device_type, dtype)
     tokenizer = load_tokenizer(cfg)
-    vision_config = _vision_config(cfg.vision_tower)
-    text_config = AutoConfig.from_pretrained(cfg.llm)
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
-        projector_hidden_act="gelu",            # mlp2x_gelu
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",  # drop CLS: patch tokens only
-    )
+    config = llava_config(cfg, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=dtype, attn_implementation=attn)
     if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
         llm.resize_token_embeddings(len(tokenizer))
     config.text_config = llm.config
     vision = CLIPVisionModel.from_pretrained(cfg.vision_tower, dtype=dtype, attn_implementation=attn)
-    # The skeleton costs nothing on the meta device; its towers are replaced by the loaded ones.
-    with torch.device("meta"), _zero3_init_paused():
-        model = LlavaForConditionalGeneration(config)
+    model = meta_llava(config)  # its towers are replaced by the loaded ones
     model.model.vision_tower = vision
     model.model.language_model = llm.model
     model.lm_head = llm.lm_head
@@ -252,3 +240,28 @@ def _vision_config(folder: Path) -> CLIPVisionConfig:
     if not isinstance(vision, CLIPVisionConfig):
         raise ValueError(f"{folder}: not a CLIP model folder (config is {type(config).__name__})")
     return vision
+
+
+# -- The Llava config and skeleton from the folders' configs alone (also pipeline/train/memory.py's plan) --
+
+def llava_config(cfg: ModelConfig, image_token_index: int | None = None) -> LlavaConfig:
+    """LLaVA-1.5's layout of the two folders: an mlp2x_gelu projector over the patch tokens (CLS
+    dropped) of the tower's second-to-last layer. `image_token_index`: the tokenizer's id of
+    IMAGE_TOKEN (None: transformers' default, for plans that tokenize nothing)."""
+    vision_config = _vision_config(cfg.vision_tower)
+    token = {} if image_token_index is None else {"image_token_index": image_token_index}
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=AutoConfig.from_pretrained(cfg.llm),
+        **token,
+        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
+        projector_hidden_act="gelu",            # mlp2x_gelu
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",  # drop CLS: patch tokens only
+    )
+
+
+def meta_llava(config: LlavaConfig) -> LlavaForConditionalGeneration:
+    """The model on the meta device: shapes only, no memory, outside any ZeRO-3 init."""
+    with torch.device("meta"), _zero3_init_paused():
+        return LlavaForConditionalGeneration(config)

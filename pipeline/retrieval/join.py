@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import to_dict
+from pipeline.conventions import Reject
 from pipeline.data import llava
 from pipeline.data.shards import (ShardWriter, check_shard_count, shard_name, write_manifest, write_rejects,
                                   write_stats)
@@ -180,7 +181,7 @@ class _SampleWriter:
         self.counts = {"with_image": 0, "text_only": 0, "caption_from_retrieval": 0, "short_retrieval": 0,
                        "dropped_self_or_near_duplicate": 0, "toxic_samples": 0}
 
-    def write_shard(self, plan: pack.ShardPlan, output_dir: Path, progress) -> tuple[list[dict], list[llava.Reject]]:
+    def write_shard(self, plan: pack.ShardPlan, output_dir: Path, progress) -> tuple[list[dict], list[Reject]]:
         rows, rejects, samples = [], [], []
         images = pack.iter_staged_images(plan)
         for sample in plan.samples:
@@ -190,8 +191,8 @@ class _SampleWriter:
                 key, image = next(images)
                 assert key == sample.key, f"staging order broken at {key} != {sample.key}"
                 if sample.key not in self.key_rows:
-                    rejects.append(llava.Reject(sample.key, sample.position, "no_embedding",
-                                                "clip-retrieval returned no embedding (see the inference log)"))
+                    rejects.append(Reject("no_embedding", "clip-retrieval returned no embedding (see the inference "
+                                          "log)", key=sample.key, position=sample.position))
                     continue
             samples.append((sample, image))
         if not samples:
@@ -248,7 +249,7 @@ def _fingerprint(cfg: RetrievalJoinConfig, info: IndexInfo) -> str:
     return digest.hexdigest()
 
 
-def _by_reason(rejects: list[llava.Reject]) -> dict[str, int]:
+def _by_reason(rejects: list[Reject]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for reject in rejects:
         counts[reject.reason] = counts.get(reject.reason, 0) + 1

@@ -17,7 +17,8 @@ from typing import Iterator
 
 from PIL import Image
 
-from pipeline.data.llava import LlavaSample, Reject
+from pipeline.conventions import Reject
+from pipeline.data.llava import LlavaSample
 from pipeline.data.shards import ShardWriter, iter_shard
 from pipeline.progress import progress as progress_bar
 
@@ -82,7 +83,7 @@ def pack_shards(shards: list[tuple[int, list[LlavaSample | Reject]]], image_root
                     continue
                 data, reason, detail = next(loaded)
                 if data is None:
-                    rejects.append(Reject(item.key, item.position, reason, detail))
+                    rejects.append(Reject(reason, detail, key=item.key, position=item.position))
                     continue
                 writer = writer or ShardWriter(staging)
                 writer.write(item.key, data, {"key": item.key})

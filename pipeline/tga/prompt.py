@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.data.llava import IMAGE_TOKEN
+from pipeline.conventions import IMAGE_TOKEN, Reject
 from pipeline.tga.templates import ChatTemplate, get_template, render
 
 IGNORE_INDEX = -100  # label of every token the LM loss must skip (transformers' convention)
@@ -29,7 +29,7 @@ Span = tuple[int, int]
 
 
 @dataclass(frozen=True)
-class EncodedSample:
+class EncodedPrompt:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX except assistant answers and their end-of-turn tokens
     image_span: Span | None  # None: text-only sample
@@ -38,22 +38,16 @@ class EncodedSample:
     caption_span: Span | None
 
 
-@dataclass(frozen=True)
-class Rejected:
-    reason: str  # image_truncated or no_answer_tokens: what only the tokenization can tell
-    detail: str = ""
-
-
 def build_sample(tokenizer, conversations: list[dict], *, template: str, image_caption: str | None,
                  retrieved_text: str | None, insert_retrieved: bool, num_image_tokens: int,
-                 max_tokens: int, image_token: str = IMAGE_TOKEN) -> EncodedSample | Rejected:
+                 max_tokens: int, image_token: str = IMAGE_TOKEN) -> EncodedPrompt | Reject:
     """Encode one LLaVA sample (`conversations`: [{from: human|gpt, value}], human first, valid
     as the retrieval join checks it: at most one image placeholder, in the first turn).
 
     The first human turn becomes `Retrieved Text: {retrieved}. <image>\n{question}` (the
     retrieved part only when `insert_retrieved` and a text is given). Both the multimodal prompt
     and the caption prompt are cut to `max_tokens`; a cut through the image is a rejection, as is
-    a sample left without answer tokens: both come back as `Rejected` (the caller counts and
+    a sample left without answer tokens: both come back as a `Reject` (the caller counts and
     skips them).
     """
     spec = get_template(template)
@@ -89,16 +83,16 @@ def build_sample(tokenizer, conversations: list[dict], *, template: str, image_c
 
     if len(ids) > max_tokens:
         if image_span is not None and image_span[1] > max_tokens:
-            return Rejected("image_truncated", f"{len(ids)} tokens, image ends at {image_span[1]}, "
+            return Reject("image_truncated", f"{len(ids)} tokens, image ends at {image_span[1]}, "
                                                f"max_tokens={max_tokens}")
         ids, labels = ids[:max_tokens], labels[:max_tokens]
         retrieved_span = _clip(retrieved_span, max_tokens)
     if all(label == IGNORE_INDEX for label in labels):
-        return Rejected("no_answer_tokens", f"no assistant token within max_tokens={max_tokens}")
+        return Reject("no_answer_tokens", f"no assistant token within max_tokens={max_tokens}")
 
     caption_ids, caption_span = _caption_prompt(tokenizer, spec, _clean(image_caption, image_token),
                                                 max_tokens)
-    return EncodedSample(ids, labels, image_span, retrieved_span, caption_ids, caption_span)
+    return EncodedPrompt(ids, labels, image_span, retrieved_span, caption_ids, caption_span)
 
 
 def _clean(text: str | None, image_token: str) -> str | None:

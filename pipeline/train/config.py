@@ -62,7 +62,7 @@ class TrainConfig:
     # rows, so the multimodal forward gives them (no second ZeRO-3 gather of the model per step);
     # "separate" = a no-grad text-only forward up to the deepest alignment layer (eval mode, cacheable
     # in stage 1); "auto" = in_row for packed batches when the LLM trains and nothing in it drops out
-    # (stage 2), else separate (pipeline/train/step.py: captions_in_row gives the trade).
+    # (stage 2), else separate (pipeline/train/plan.py decides; step.py: captions_in_row gives the trade).
     caption_forward: Literal["auto", "in_row", "separate"] = "auto"
     loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -86,12 +86,6 @@ class TrainConfig:
     def datasets(self) -> list[DatasetConfig]:
         return self.data or [DatasetConfig(shards=self.shards)]
 
-    @property
-    def caption_targets_frozen(self) -> bool:
-        """With the LLM frozen and no adapters (stage 1) a sample's caption targets never change: they
-        can be cached (pipeline/train/job.py does when the run meets a sample more than once)."""
-        return "llm" not in self.trainable and self.lora is None
-
     def __post_init__(self):
         if self.shards is not None:
             object.__setattr__(self, "shards", str(self.shards))  # a Path from Python callers
@@ -106,5 +100,8 @@ class TrainConfig:
         if self.lora is not None and "llm" in self.trainable:
             raise ValueError("lora trains adapters on a frozen LLM: remove 'llm' from trainable "
                              "(e.g. trainable=[projector]) or drop the lora section for full training")
+        if self.tga.enabled and self.caption_forward == "in_row" and not self.loader.packing:
+            raise ValueError("caption_forward=in_row puts the caption inputs in packed rows: set loader.packing=true "
+                             "(or caption_forward=auto)")
         if self.optim.grad_accum < 1 or self.loader.batch_size < 1:
             raise ValueError("optim.grad_accum and loader.batch_size must be >= 1")

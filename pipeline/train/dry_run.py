@@ -11,16 +11,12 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from pipeline.data.llava import IMAGE_TOKEN
-from pipeline.data.loader import batches_per_epoch, check_readers
+from pipeline.conventions import IMAGE_TOKEN
+from pipeline.data.loader import check_readers
 from pipeline.data.shards import ShardCountWarning
-from pipeline.data.sources import ShardSet, describe, resolve_all
+from pipeline.data.sources import describe
 from pipeline.train.config import TrainConfig
-
-
-def shard_sets(cfg: TrainConfig) -> list[ShardSet]:
-    """The config's data sets, resolved from their manifests (once per process)."""
-    return resolve_all(tuple(cfg.datasets), cfg.loader.read_timeout_s)
+from pipeline.train.plan import run_plan, shard_sets
 
 
 def preflight(cfg: TrainConfig, world_size: int) -> list[str]:
@@ -28,7 +24,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> list[str]:
     problems = [problem for check in (_model_folders, _deepspeed, _shards) for problem in check(cfg, world_size)]
     if not problems:
         problems += _checkpoints(cfg, world_size)
-    if not problems and total_steps(cfg, world_size) < 1:
+    if not problems and run_plan(cfg, world_size).total_steps < 1:
         problems.append(f"{cfg.shards or 'data'}: not enough samples for one optimizer step with {world_size} ranks × "
                         f"batch {cfg.loader.batch_size} × accum {cfg.optim.grad_accum}")
     return problems
@@ -50,7 +46,7 @@ def dry_run(cfg: TrainConfig, world_size: int, gpu: str | None = None) -> list[s
             messages = check_readers(shard_sets(cfg), world_size, cfg.loader.num_workers)
         for message in messages:
             print(f"[dry-run] warning: {message}", flush=True)
-        print(f"[dry-run] {cfg.stage}: {total_steps(cfg, world_size)} optimizer steps on {world_size} rank(s) "
+        print(f"[dry-run] {cfg.stage}: {run_plan(cfg, world_size).total_steps} optimizer steps on {world_size} rank(s) "
               f"(batch {cfg.loader.batch_size} × accum {cfg.optim.grad_accum} per rank); run folder "
               f"{cfg.run_dir}", flush=True)
         if gpu is not None or cfg.device == "cuda":
@@ -134,20 +130,12 @@ def _checkpoints(cfg: TrainConfig, world_size: int) -> list[str]:
     universal = deepspeed_config(cfg, "cpu").get("checkpoint", {}).get("load_universal", False)
     if saved_world == world_size or universal:
         return []
-    if step >= total_steps(cfg, saved_world):
+    if step >= run_plan(cfg, saved_world).total_steps:
         return [f"run_dir={cfg.run_dir}: this run finished (step {step} of {step}, on {saved_world} ranks); "
                 f"nothing to resume. Its results are in {cfg.run_dir}; to train again use a new run_dir"]
     return [f"run_dir={cfg.run_dir}: checkpoint step {step} was written by {saved_world} ranks, this job has "
             f"{world_size}; resume with {saved_world} ranks (ZeRO-3 partitions, data positions and RNG states "
             "are per rank)"]
-
-
-def total_steps(cfg: TrainConfig, world_size: int) -> int:
-    """Optimizer steps of the run (what sizes the LR schedule): `max_steps`, else epochs × the
-    slowest rank's full batches per epoch / grad_accum."""
-    if cfg.max_steps:
-        return cfg.max_steps
-    return cfg.epochs * (batches_per_epoch(shard_sets(cfg), world_size, cfg.loader) // cfg.optim.grad_accum)
 
 
 def _first_line(err: Exception) -> str:

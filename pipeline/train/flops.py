@@ -38,7 +38,7 @@ class StepFlops:
     llm_params: int        # language model matmul weights (embedding lookup excluded, lm_head included)
     llm_layers: int
     llm_hidden: int
-    llm_trains: bool
+    llm_trains: bool       # the LLM's own weights train (LoRA's adapters do not count: no weight grads of N)
     vision_params: int
     vision_layers: int
     vision_hidden: int

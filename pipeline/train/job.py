@@ -18,16 +18,17 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from pipeline.config import dump_yaml, flatten
 from pipeline.data.batch import SampleEncoder, collate
 from pipeline.data.loader import build_loader
+from pipeline.data.sources import ShardSet
 from pipeline.model.assemble import AssembledModel, apply_freeze, build_llava, packs_one_row
 from pipeline.model.lora import add_lora, trainable_parameters
-from pipeline.train import dry_run, engine as ds_engine
+from pipeline.train import engine as ds_engine, plan
 from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.config import TrainConfig
 from pipeline.train.metrics import DatasetCounts
 from pipeline.train.rng import RNGState
 from pipeline.train.run_folder import RunFolder
 from pipeline.train.state import TrainState
-from pipeline.train.step import CaptionTargets, captions_in_row
+from pipeline.train.step import CaptionTargets
 from pipeline.train.tracking import Tracker
 
 log = logging.getLogger("pipeline.train")
@@ -61,14 +62,10 @@ def build_job(cfg: TrainConfig) -> Job:
     if cfg.lora is not None:
         add_lora(assembled.model, cfg.lora)
     trainable = _freeze(assembled, cfg, rank)
-    total_steps = dry_run.total_steps(cfg, world)
-    # the cache serves only samples met before: in a single pass it would hold ~10 GB of host RAM
-    # per rank (7B, LCS-558K) and copy targets to the host every step for nothing
-    one_pass = dry_run.total_steps(dataclasses.replace(cfg, epochs=1, max_steps=None), world)
-    cached = cfg.caption_targets_frozen and total_steps > one_pass
-    in_row = cfg.tga.enabled and captions_in_row(cfg.caption_forward, packed=cfg.loader.packing,
-                                                 llm_trains=not cfg.caption_targets_frozen, model=assembled.model)
-    loader = train_loader(cfg, assembled, rank, world, captions_in_row=in_row)
+    run_plan = plan.run_plan(cfg, world)
+    total_steps = run_plan.total_steps
+    captions = plan.caption_plan(cfg, run_plan, assembled.model)
+    loader = train_loader(cfg, assembled, run_plan.shard_sets, rank, world, captions_in_row=captions.in_rows)
     if total_steps < 1:  # the stage entry's preflight says so first; this holds for other callers
         raise SystemExit(f"{cfg.shards or 'data'}: not enough samples for one optimizer step "
                          f"({world} ranks × batch {cfg.loader.batch_size} × accum {cfg.optim.grad_accum})")
@@ -88,23 +85,22 @@ def build_job(cfg: TrainConfig) -> Job:
         _write_run_files(cfg, run, tracker, ds_config, fresh=not resumed)
     run.rewind(state.step, rank)
     if rank == 0 and cfg.tga.enabled:
-        log.info("TGA caption targets: %s", "from the packed rows" if in_row else
-                 "a separate forward" + (", cached" if cached else ""))
-    targets = CaptionTargets(cfg.tga.layers, cached=cached and not in_row)
+        log.info("TGA caption targets: %s", captions.describe())
+    targets = CaptionTargets(cfg.tga.layers, cached=captions.cached)
     return Job(cfg, rank, world, run, engine, loader, checkpointer, tracker, state, targets, total_steps, resumed,
                datasets)
 
 
-def train_loader(cfg: TrainConfig, assembled: AssembledModel, rank: int, world: int,
+def train_loader(cfg: TrainConfig, assembled: AssembledModel, sets: list[ShardSet], rank: int, world: int,
                  captions_in_row: bool = False) -> StatefulDataLoader:
     encoder = SampleEncoder(assembled.tokenizer, assembled.image_processor,
                             num_image_tokens=assembled.num_image_tokens, template=cfg.prompt.template,
                             insert_retrieved=cfg.prompt.insert_retrieved, max_tokens=cfg.prompt.max_tokens,
                             pad_to_square=cfg.model.pad_to_square)
-    attention = assembled.model.config.text_config._attn_implementation
     batch = functools.partial(collate, pad_id=assembled.tokenizer.pad_token_id, packed=cfg.loader.packing,
-                              single_row=packs_one_row(attention), captions_in_row=captions_in_row)
-    return build_loader(dry_run.shard_sets(cfg), rank=rank, world_size=world, cfg=cfg.loader, encode=encoder,
+                              single_row=packs_one_row(assembled.attention["llm"]),
+                              captions_in_row=captions_in_row)
+    return build_loader(sets, rank=rank, world_size=world, cfg=cfg.loader, encode=encoder,
                         collate=batch, seed=cfg.seed)
 
 

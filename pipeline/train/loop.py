@@ -15,7 +15,8 @@ from pipeline.data.batch import Batch
 from pipeline.data.shards import ShardFormatError, ShardReadError, data_error_line
 from pipeline.model.assemble import projector_weights, save_projector
 from pipeline.train.config import TrainConfig
-from pipeline.train.distributed import any_rank, barrier, shutdown
+from pipeline.train.distributed import barrier, shutdown
+from pipeline.train.epochs import AgreedEpochs
 from pipeline.train.flops import StepFlops, peak_flops_per_device
 from pipeline.train.job import Job, build_job
 from pipeline.train.metrics import COSINE, StepMeter, step_line
@@ -32,7 +33,8 @@ def train(cfg: TrainConfig, preemption: PreemptionFlag) -> int:
     state, engine = job.state, job.engine
     meter = StepMeter(StepFlops.of(engine.module, caption_layers=job.caption_targets.depth),
                       peak_flops_per_device(engine.device, cfg.peak_tflops))
-    epochs, history = AgreedEpochs(job), []  # history: (step, {layer: cosine}) for the alignment plot
+    epochs = AgreedEpochs(job.loader, state, rank=job.rank, resumed=job.resumed, data=cfg.shards or "data")
+    history: list = []  # (step, {layer: cosine}) for the alignment plot
     progress = (time.perf_counter(), state.step)
     engine.train()
     preempted = False
@@ -51,38 +53,9 @@ def train(cfg: TrainConfig, preemption: PreemptionFlag) -> int:
 
 
 def _record_micro_step(job: Job, meter: StepMeter, batch: Batch, parts: dict, caption_forward_ran: bool) -> None:
-    meter.micro(batch, parts, caption_forward=caption_forward_ran)  # the host batch: no device sync
+    meter.micro(batch, parts, caption_forward_ran=caption_forward_ran)  # the host batch: no device sync
     job.datasets.add(batch)
     job.run.append_ledger(job.rank, job.state.step, batch.keys)
-
-
-class AgreedEpochs:
-    """Batches across epochs, with the end of an epoch agreed by all ranks: when any rank runs dry,
-    every rank starts the next epoch together, so no rank waits on a forward the others skipped."""
-
-    def __init__(self, job: Job):
-        self.job = job
-        self.batches = iter(job.loader)
-        self.this_epoch, self.fresh = 0, not job.resumed  # a resumed epoch may already be spent
-
-    def next_batch(self) -> Batch | None:
-        """The next batch, or None when this call started a new epoch (a collective)."""
-        batch = next(self.batches, None)
-        if not any_rank(batch is None)[0]:
-            self.this_epoch += 1
-            return batch
-        job = self.job
-        if self.this_epoch == 0 and self.fresh:
-            raise RuntimeError(f"{job.cfg.shards or 'data'}: rank {job.rank} got no batch in epoch {job.state.epoch} "
-                               "(all its samples rejected?); see the skip warnings above")
-        if batch is not None:
-            log.info("rank %d: epoch %d ends on another rank; its last fetched batch (%d samples) "
-                     "is left for the next epoch", job.rank, job.state.epoch, len(batch))
-        self.this_epoch, self.fresh = 0, True
-        job.state.epoch += 1
-        job.loader.dataset.set_epoch(job.state.epoch)
-        self.batches = iter(job.loader)
-        return None
 
 
 def _log_step(job: Job, meter: StepMeter, history: list, progress: tuple[float, int]) -> None:

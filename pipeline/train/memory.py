@@ -28,10 +28,9 @@ import argparse
 import dataclasses
 import sys
 
-import torch
-
 from pipeline.config import ConfigError, parse_args
 from pipeline.train.config import TrainConfig
+from pipeline.train.plan import caption_targets_in_rows, llm_weights_train
 
 GIB = 2**30
 RESERVE = 3 * GIB        # CUDA context (~0.5 GiB), NCCL buffers, allocator fragmentation
@@ -59,7 +58,7 @@ class Shapes:
     largest_layer: int     # parameters of the largest single module (gathered whole by ZeRO-3)
     llm_trains: bool
     lora_inputs: int       # LoRA: input width summed over the adapted linears of one layer (0: no LoRA)
-    dropout: bool = False  # something in the LLM (or its adapters) drops out in training mode
+    captions_in_rows: bool = False  # TGA's caption inputs ride in the packed rows (pipeline/train/plan.py)
 
 
 @dataclasses.dataclass
@@ -91,18 +90,12 @@ class Plan:
 def shapes(cfg: TrainConfig) -> Shapes:
     """The model's sizes from its folders' configs: a Llava laid out on the meta device, frozen and
     adapted as the run will be."""
-    from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    from pipeline.model.assemble import _vision_config, _zero3_init_paused, apply_freeze
+    from pipeline.model.assemble import apply_freeze, llava_config, meta_llava
     from pipeline.model.lora import add_lora
-    from pipeline.train.step import active_dropout
 
-    text = AutoConfig.from_pretrained(cfg.model.llm)
-    vision = _vision_config(cfg.model.vision_tower)
-    config = LlavaConfig(vision_config=vision, text_config=text, projector_hidden_act="gelu",
-                         image_seq_length=(vision.image_size // vision.patch_size) ** 2)
-    with torch.device("meta"), _zero3_init_paused():
-        model = LlavaForConditionalGeneration(config)
+    config = llava_config(cfg.model)
+    text, vision = config.text_config, config.vision_config
+    model = meta_llava(config)
     if cfg.lora is not None:
         add_lora(model, cfg.lora)
     apply_freeze(model, cfg.trainable, lora=cfg.lora is not None)
@@ -120,8 +113,8 @@ def shapes(cfg: TrainConfig) -> Shapes:
     return Shapes(hidden=text.hidden_size, layers=text.num_hidden_layers, intermediate=text.intermediate_size,
                   kv_hidden=kv_heads * head_dim, vocab=text.vocab_size, image_tokens=config.image_seq_length,
                   vision_hidden=vision.hidden_size, trainable=trainable, frozen=total - trainable,
-                  largest_layer=largest, llm_trains="llm" in cfg.trainable, lora_inputs=lora_inputs,
-                  dropout=bool(active_dropout(model.model.language_model)))
+                  largest_layer=largest, llm_trains=llm_weights_train(cfg), lora_inputs=lora_inputs,
+                  captions_in_rows=caption_targets_in_rows(cfg, model))
 
 
 def layer_bytes_per_token(s: Shapes) -> int:
@@ -175,10 +168,7 @@ def plan(cfg: TrainConfig, world_size: int, gpu: str | None = None, text_tokens:
 
     per_sample, image_share = sample_tokens(cfg, s, text_tokens)
     batch = cfg.loader.batch_size
-    # caption_forward in the row (pipeline/train/step.py: captions_in_row): the caption inputs join the rows
-    auto = cfg.caption_forward == "auto" and not cfg.caption_targets_frozen and not s.dropout
-    in_row = cfg.tga.enabled and cfg.loader.packing and (cfg.caption_forward == "in_row" or auto)
-    captions = int(batch * image_share * CAPTION_INPUT_TOKENS) if in_row else 0
+    captions = int(batch * image_share * CAPTION_INPUT_TOKENS) if s.captions_in_rows else 0
     typical = int(batch * min(per_sample, cfg.prompt.max_tokens)) + captions
     worst = batch * cfg.prompt.max_tokens + captions
     in_rows = f"; {captions} caption tokens in the rows" if captions else ""

@@ -13,7 +13,7 @@ COSINE = "cos_layer/"  # per-layer cos(i, t) of the TGA loss, a mean over valid 
 RATES = ("samples_per_second", "tokens_per_second")  # per-rank rates add up to the job's
 
 
-def batch_flops(flops, batch, caption_forward: bool) -> float:
+def batch_flops(flops, batch, caption_forward_ran: bool) -> float:
     """Model FLOPs of one micro-step on `batch` (pipeline.train.flops.StepFlops.step): caption
     segments of packed rows go through the whole step; a separate caption forward counts when it ran."""
     seq_lens = batch.seq_lens.tolist()
@@ -21,7 +21,7 @@ def batch_flops(flops, batch, caption_forward: bool) -> float:
     captions = [n for n in batch.caption_lens.tolist() if n]
     if batch.caption_rows is not None:
         seq_lens, captions = seq_lens + captions, []
-    elif not caption_forward:
+    elif not caption_forward_ran:
         captions = []
     logits = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())  # the LM head's positions
     return flops.step(seq_lens, images, captions, logit_positions=logits)
@@ -59,16 +59,16 @@ class StepMeter:
                 self.data_seconds += time.perf_counter() - started
         return timed_fetch
 
-    def micro(self, batch, parts: dict, caption_forward: bool = False) -> None:
+    def micro(self, batch, parts: dict, caption_forward_ran: bool = False) -> None:
         """`batch`: a pipeline.data.batch.Batch as the loader made it (on the host: its lengths are
         read here); `parts`: the loss parts as tensors on the device, summed as tensors (in float64,
         as Python floats were) and read once per logged step, so a micro-step never waits for the
-        device; `caption_forward`: the TGA text-side forward ran for it (not served from cache)."""
+        device; `caption_forward_ran`: the TGA text-side forward ran for it (not served from cache)."""
         self.micro_steps += 1
         self.samples += len(batch)
         self.tokens += int(batch.seq_lens.sum())
         if self.flops is not None:
-            self.model_flops += batch_flops(self.flops, batch, caption_forward)
+            self.model_flops += batch_flops(self.flops, batch, caption_forward_ran)
         valid = torch.as_tensor(parts.get("n_valid", 0.0)).detach().double()
         self.valid_samples = self.valid_samples + valid
         for name, value in parts.items():
