@@ -51,7 +51,7 @@ from bench.gpu_check_world import stage_config, tiny_world_records, write_models
 # a wrong mask or position id (those move the loss by whole units, not per mille).
 TOLERANCE = {torch.bfloat16: (1e-2, 1e-2), torch.float32: (1e-4, 1e-5)}  # (rtol, atol)
 # every pipeline module the check imports: what the wheelhouse route must provide (--imports-only)
-CHECK_MODULES = ("pipeline.config", "pipeline.data.batch", "pipeline.data.shards", "pipeline.model.assemble",
+CHECK_MODULES = ("pipeline.config", "pipeline.conventions", "pipeline.data.batch", "pipeline.data.shards", "pipeline.model.assemble",
                  "pipeline.model.lora", "pipeline.tga.prompt", "pipeline.tga.templates", "pipeline.tinyworld.models",
                  "pipeline.tinyworld.scenes", "pipeline.tinyworld.text", "pipeline.tinyworld.tokenizer",
                  "pipeline.train.config", "pipeline.train.distributed", "pipeline.train.engine",

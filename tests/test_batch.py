@@ -71,7 +71,7 @@ def test_moving_a_batch_keeps_its_span_and_length_metadata_on_the_host():
     text = type("T", (), {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "image_span": None,
                           "retrieved_span": None, "caption_input_ids": [4, 5], "caption_span": (0, 2)})()
     for packed in (False, True):
-        moved = collate([Encoded("a", text, pixel_values=None), Encoded("b", text, pixel_values=None)], 0,
+        moved = collate([EncodedSample("a", text, pixel_values=None), EncodedSample("b", text, pixel_values=None)], 0,
                         packed=packed, captions_in_row=packed).to("meta")
         assert moved.input_ids.is_meta and moved.labels.is_meta
         assert (moved.cu_seq_lens.is_meta if packed else moved.attention_mask.is_meta)

@@ -119,7 +119,7 @@ def test_meter_sums_loss_parts_as_tensors_and_reads_them_once_per_report(assembl
     equal Python float sums (float64, as before)."""
     text = type("T", (), {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "image_span": None,
                           "retrieved_span": None, "caption_input_ids": [], "caption_span": None})()
-    batch = collate([Encoded("k", text, pixel_values=None)], pad_id=0)
+    batch = collate([EncodedSample("k", text, pixel_values=None)], pad_id=0)
     meter = StepMeter()
     values = [(0.1, 0.7), (0.2, 0.3), (0.3, 0.9)]
     for lm, cosine in values:

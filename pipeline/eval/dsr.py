@@ -37,7 +37,7 @@ from pathlib import Path
 
 from pipeline.analysis.model_folder import ModelFolderError
 from pipeline.analysis.report import log_report
-from pipeline.data.llava import IMAGE_TOKEN
+from pipeline.conventions import IMAGE_TOKEN
 from pipeline.eval.benchmarks import READERS, Selection, add_selection_arguments
 from pipeline.eval.benchmarks import prepare as prepare_benchmark
 from pipeline.eval.cli import add_eval_arguments, prepare, write_json, write_jsonl

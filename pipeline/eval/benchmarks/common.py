@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.data.llava import IMAGE_TOKEN
+from pipeline.conventions import IMAGE_TOKEN
 from pipeline.eval.queries import EvalDataError
 
 REFUSAL, ANSWER = "refusal", "answer"   # what a safe model does with the item
