@@ -48,6 +48,7 @@ from pipeline.data.llava import IMAGE_TOKEN
 from pipeline.model.assemble import AssembledModel, apply_freeze, build_llava, projector_state_dict, save_projector
 from pipeline.model.lora import add_lora
 from pipeline.model_card import training_data, write_card
+from pipeline.process_exit import run_as_process
 from pipeline.tga.templates import get_template, template_source
 from pipeline.train.checkpoint import (CheckpointError, latest_complete_step, read_marker, saved_steps,
                                        step_tag, trained_weights)
@@ -381,4 +382,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_as_process(lambda: main(sys.argv[1:]))

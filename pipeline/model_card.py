@@ -29,6 +29,7 @@ import yaml
 from pipeline.atomic import atomic_path
 from pipeline.data.sources import DatasetConfig, resolve
 from pipeline.eval.ablation_results import SeedOutputs, seed_results
+from pipeline.process_exit import run_as_process
 
 CARD = "README.md"
 TRAINING_FILE = "tga_training.json"  # pipeline.export writes it next to the weights
@@ -265,4 +266,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_as_process(lambda: main(sys.argv[1:]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from pipeline.config import parse_args
+from pipeline.process_exit import run_as_process
 from pipeline.retrieval.build import run_caption_index
 from pipeline.retrieval.clip_env import RetrievalEnvError
 from pipeline.retrieval.config import CaptionIndexConfig
@@ -33,4 +34,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)

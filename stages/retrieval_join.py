@@ -12,6 +12,7 @@ import logging
 
 from pipeline.config import parse_args
 from pipeline.data.llava import LlavaInputError
+from pipeline.process_exit import run_as_process
 from pipeline.retrieval.clip_env import RetrievalEnvError
 from pipeline.retrieval.config import RetrievalJoinConfig
 from pipeline.retrieval.corpus import CorpusError
@@ -43,4 +44,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)

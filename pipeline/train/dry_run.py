@@ -119,7 +119,8 @@ def _shards(cfg: TrainConfig, world_size: int) -> list[str]:
 
 def _checkpoints(cfg: TrainConfig, world_size: int) -> list[str]:
     """What a resume would find in the run folder: the step it would load, written by how many ranks."""
-    from pipeline.train.checkpoint import CheckpointError, read_marker, step_tag, step_to_resume
+    from pipeline.train.checkpoint import (CheckpointError, read_marker, step_tag, step_to_resume,
+                                           world_size_message)
     from pipeline.train.engine import deepspeed_config
     from pipeline.train.run_folder import RunFolder
 
@@ -137,9 +138,7 @@ def _checkpoints(cfg: TrainConfig, world_size: int) -> list[str]:
     if step >= total_steps(cfg, saved_world):
         return [f"run_dir={cfg.run_dir}: this run finished (step {step} of {step}, on {saved_world} ranks); "
                 f"nothing to resume. Its results are in {cfg.run_dir}; to train again use a new run_dir"]
-    return [f"run_dir={cfg.run_dir}: checkpoint step {step} was written by {saved_world} ranks, this job has "
-            f"{world_size}; resume with {saved_world} ranks (ZeRO-3 partitions, data positions and RNG states "
-            "are per rank)"]
+    return [f"run_dir={cfg.run_dir}: " + world_size_message(ckpt_dir, step, saved_world, world_size)]
 
 
 def total_steps(cfg: TrainConfig, world_size: int) -> int:
