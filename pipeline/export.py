@@ -333,10 +333,21 @@ def _staged(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _readable_as_umask_allows(staging)
     if out.exists():
         out.rmdir()
     os.replace(staging, out)
     log.info("wrote %s", out)
+
+
+def _readable_as_umask_allows(folder: Path) -> None:
+    """Files as a plain write would leave them (0644 under the usual umask): some writers go
+    through private temporary files (mode 0600), which would keep the model from its other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _refuse_existing(out: Path) -> None:
