@@ -236,10 +236,11 @@ class Checkpointer:
         """Write checkpoint `step` with the current state of every object."""
         tag = step_tag(step)
         step_dir = self.ckpt_dir / tag
-        if step == self._last_saved:
-            log.info("checkpoint %s already holds this state; not saving it again", step_dir)
-            return step_dir
         rank, world = rank_and_world()
+        if step == self._last_saved:
+            if rank == 0:
+                log.info("checkpoint %s already holds this state; not saving it again", step_dir)
+            return step_dir
         started = time.monotonic()
         if rank == 0 and step_dir.exists():
             # Left by a save that was cut short, or by the run before a forced resume_step.
@@ -259,7 +260,8 @@ class Checkpointer:
             _write_text(self.ckpt_dir / LATEST, tag)
             self._apply_retention(step)
         self._last_saved = step
-        log.info("saved checkpoint %s in %.1f s", step_dir, time.monotonic() - started)
+        if rank == 0:  # one line per save, not one per rank
+            log.info("saved checkpoint %s in %.1f s", step_dir, time.monotonic() - started)
         return step_dir
 
     def load(self) -> Restored | None:
