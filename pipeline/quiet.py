@@ -8,6 +8,7 @@ matched by its start, not by a pattern that could swallow a real warning.
 from __future__ import annotations
 
 import logging
+import warnings
 
 # logger name -> starts of messages that only restate a choice the pipeline made on purpose
 KNOWN_HARMLESS = {
@@ -23,6 +24,15 @@ KNOWN_HARMLESS = {
 }
 
 
+# (category, start of the message) of Python warnings raised inside libraries, once per rank
+KNOWN_HARMLESS_WARNINGS = (
+    # DeepSpeed's ZeRO-3 gathers and reductions call torch's old names; nothing of ours does.
+    (FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"),
+    # torchdata's StatefulDataLoader calls it at every start.
+    (UserWarning, r"'set_vital' is deprecated"),
+)
+
+
 class _DropKnown(logging.Filter):
     def __init__(self, starts: tuple[str, ...]):
         super().__init__()
@@ -33,6 +43,8 @@ class _DropKnown(logging.Filter):
 
 
 def install() -> None:
+    for category, message in KNOWN_HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     for name, starts in KNOWN_HARMLESS.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropKnown) for f in logger.filters):
