@@ -2,6 +2,8 @@
 in seconds, before any process group, model load or queue wait."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import yaml
 
