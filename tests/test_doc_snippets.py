@@ -110,6 +110,7 @@ def demo_checkout(tiny_world, tiny_index, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # processes of the real tools: from seconds to a few minutes for the retrieval joins
 @pytest.mark.parametrize("block", runnable(), ids=[b.name for b in runnable()])
 def test_a_runnable_block_runs_as_written_in_a_fresh_shell(demo_checkout, block):
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", block.body], cwd=demo_checkout, env=fresh_shell_env(),
