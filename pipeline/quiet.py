@@ -8,6 +8,7 @@ matched by its start, not by a pattern that could swallow a real warning.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 # logger name -> starts of messages that only restate a choice the pipeline made on purpose
@@ -42,7 +43,29 @@ class _DropKnown(logging.Filter):
         return not str(record.msg).startswith(self.starts)
 
 
+class _DropClipTextSideReport(logging.Filter):
+    """transformers' "CLIPVisionModel LOAD REPORT" when a vision tower is read from a whole CLIP
+    folder (the tiny world's, openai/clip-vit-large-patch14-336): the text encoder's weights are
+    UNEXPECTED there, by design. Dropped only when those are all it lists; a missing or mismatched
+    vision weight keeps the whole report."""
+    CLIP_TEXT_SIDE = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
+    _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+    _ROW = re.compile(r"^(?P<key>\S+)\s*\|\s*(?P<status>[A-Z_]+)\s*\|")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = self._ANSI.sub("", str(record.msg))
+        if not text.startswith("CLIPVisionModel LOAD REPORT"):
+            return True
+        rows = [m for m in map(self._ROW.match, text.splitlines()) if m and m["key"] != "Key"]
+        harmless = rows and all(m["status"] == "UNEXPECTED" and m["key"].startswith(self.CLIP_TEXT_SIDE)
+                                for m in rows)
+        return not harmless
+
+
 def install() -> None:
+    report = logging.getLogger("transformers.modeling_utils")
+    if not any(isinstance(f, _DropClipTextSideReport) for f in report.filters):
+        report.addFilter(_DropClipTextSideReport())
     for category, message in KNOWN_HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name, starts in KNOWN_HARMLESS.items():
