@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"caption_index: {'up to date, nothing done' if stats['skipped'] else 'built'}: {stats['n_vectors']} "
           f"captions ({counts['toxic']} toxic; dropped {counts['empty_text']} empty, {counts['duplicate_text']} "
           f"duplicate) of dim {stats['embedding_dim']}, index {stats['index_key']} in {cfg.output_dir}, "
-          f"{stats['durations_s']['total']:.1f} s", flush=True)
+          f"{'built earlier in ' if stats['skipped'] else ''}{stats['durations_s']['total']:.1f} s", flush=True)
     return stats
 
 
