@@ -46,9 +46,9 @@ def run_as_process(main: Callable[[], object]) -> NoReturn:
     """The `if __name__ == "__main__"` of a pipeline command: `main`'s exit code, reliably."""
     code = exit_code(main)
     try:
-        for thread in threading.enumerate():  # as the interpreter waits for them at exit
-            if thread is not threading.main_thread() and not thread.daemon:
-                thread.join()
+        # The interpreter's own first exit step: thread-pool executors told to stop, then every
+        # non-daemon thread joined (joining idle pool workers before that would wait forever).
+        threading._shutdown()
         atexit._run_exitfuncs()
         logging.shutdown()
     finally:

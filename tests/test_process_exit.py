@@ -68,3 +68,21 @@ def test_help_ends_the_stage_with_exit_0():
 def test_exit_code_is_what_the_interpreter_would_have_returned(main, code, printed, capsys):
     assert exit_code(main) == code
     assert printed in capsys.readouterr().err
+
+
+def test_an_idle_thread_pool_and_a_working_thread_end_as_at_a_normal_exit():
+    """Python's exit stops idle pool workers and waits for non-daemon threads; so does ours, then
+    skips the destructors."""
+    script = _PLANT_ABORT + """
+import concurrent.futures, threading
+from pipeline.process_exit import run_as_process
+pool = concurrent.futures.ThreadPoolExecutor(2)
+pool.submit(int).result()
+go = threading.Event()
+worker = threading.Thread(target=lambda: (go.wait(), print("worker finished", flush=True)))
+worker.start()
+run_as_process(lambda: (go.set(), sys.exit(5)))  # the worker is still to print when main ends
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=stage_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert (done.returncode, done.stdout) == (5, "worker finished\n"), done.stderr
