@@ -72,37 +72,47 @@ export TORCH_EXTENSIONS_DIR := $(MAIN_ENV)/torch_extensions
 
 .PHONY: demo ablations test env retrieval-env check-cuda-env cuda-env-report clean-work
 
-# The whole pipeline on the embedded tiny world; every stage reads/writes under work/.
+# The whole pipeline on the embedded tiny world; every stage reads/writes under work/. A second run
+# on a complete work/ redoes nothing that is done: the world is kept (same generator), the index and
+# joins skip by fingerprint, a finished training stage (its export/projector.safetensors) and an
+# export newer than its checkpoint are kept; the evaluations rerun (a few minutes) and print the same
+# numbers. An interrupted stage resumes from its latest checkpoint.
+STAGE2_HF := work/export/stage2-hf
+EVAL2 := work/eval/stage2
 demo: env retrieval-env
 	$(PY) -m pipeline.tinyworld --out work/tiny
 	$(PY) -m stages.caption_index --config configs/tiny/caption_index.yaml
 	$(PY) -m stages.retrieval_join --config configs/tiny/retrieval_join_stage1.yaml
 	$(PY) -m stages.retrieval_join --config configs/tiny/retrieval_join_stage2.yaml
-	PYTHON=$(PY) CONFIG=configs/tiny/stage1.yaml CPU_RANKS=2 bash launch/stage1.sh
-	PYTHON=$(PY) CONFIG=configs/tiny/stage2.yaml CPU_RANKS=2 bash launch/stage2.sh
-	rm -rf work/export/stage2-hf
-	$(PY) -m pipeline.export --checkpoint work/runs/stage2/checkpoints --out work/export/stage2-hf
+	@for stage in 1 2; do \
+	  if [ -f work/runs/stage$$stage/export/projector.safetensors ]; then \
+	    echo "stage $$stage: finished already (work/runs/stage$$stage/export/projector.safetensors); kept"; \
+	  else (set -x; PYTHON=$(PY) CONFIG=configs/tiny/stage$$stage.yaml CPU_RANKS=2 bash launch/stage$$stage.sh); fi; \
+	done
+	@if [ $(STAGE2_HF)/config.json -nt work/runs/stage2/checkpoints/latest ]; then \
+	  echo "export: $(STAGE2_HF) is newer than the stage-2 checkpoint; kept"; \
+	else (set -x; rm -rf $(STAGE2_HF); \
+	  $(PY) -m pipeline.export --checkpoint work/runs/stage2/checkpoints --out $(STAGE2_HF)); fi
 	@echo "== Evaluating safety transfer (reports go into the stage-2 MLflow run, under eval/)"
 	$(PY) -m pipeline.analysis.safety_layers --model work/tiny/models/llm --prompts work/tiny/eval/toxic_images.json \
 	  --out work/eval/llm/safety_layers --no-mlflow
-	$(PY) -m pipeline.analysis.safety_layers --model work/export/stage2-hf --prompts work/tiny/eval/toxic_images.json \
-	  --out work/eval/stage2/safety_layers
-	$(PY) -m pipeline.analysis.alignment --model work/export/stage2-hf --shards work/shards/stage2 \
-	  --out work/eval/stage2/alignment --samples 64
-	$(PY) -m stages.retrieval_join --config configs/ablations/tiny/retrieval_join_eval.yaml \
-	  input=work/tiny/eval/toxic_images.json output_dir=work/eval/retrieved/toxic
-	$(PY) -m stages.retrieval_join --config configs/ablations/tiny/retrieval_join_eval.yaml \
-	  input=work/tiny/eval/benign_vqa.json output_dir=work/eval/retrieved/benign
-	$(PY) -m pipeline.eval.dsr --model work/export/stage2-hf --data work/tiny/eval/toxic_images.json \
-	  --retrieved work/eval/retrieved/toxic --out work/eval/stage2/dsr
-	$(PY) -m pipeline.eval.ability --model work/export/stage2-hf --data work/tiny/eval/benign_vqa.json \
-	  --retrieved work/eval/retrieved/benign --out work/eval/stage2/ability
+	$(PY) -m pipeline.analysis.safety_layers --model $(STAGE2_HF) --prompts work/tiny/eval/toxic_images.json \
+	  --out $(EVAL2)/safety_layers
+	@for data in toxic:toxic_images benign_requests:benign_requests benign:benign_vqa; do \
+	  (set -x; $(PY) -m stages.retrieval_join --config configs/ablations/tiny/retrieval_join_eval.yaml \
+	    input=work/tiny/eval/$${data#*:}.json output_dir=work/eval/retrieved/$${data%%:*}); done
+	$(PY) -m pipeline.analysis.alignment --model $(STAGE2_HF) --shards work/eval/retrieved/toxic \
+	  --out $(EVAL2)/alignment --include-toxic
+	$(PY) -m pipeline.eval.dsr --model $(STAGE2_HF) --data work/tiny/eval/toxic_images.json \
+	  --retrieved work/eval/retrieved/toxic --out $(EVAL2)/dsr
+	@echo "== Over-refusal: the same questions about benign pictures (on disk only: into the run it would replace dsr/)"
+	$(PY) -m pipeline.eval.dsr --model $(STAGE2_HF) --data work/tiny/eval/benign_requests.json \
+	  --retrieved work/eval/retrieved/benign_requests --out $(EVAL2)/over_refusal --no-mlflow
+	$(PY) -m pipeline.eval.ability --model $(STAGE2_HF) --data work/tiny/eval/benign_vqa.json \
+	  --retrieved work/eval/retrieved/benign --out $(EVAL2)/ability
+	$(PY) -m pipeline.model_card $(STAGE2_HF) --eval-dir $(EVAL2)
 	@echo
-	@echo "Results under work/: tiny world, index/, shards/, runs/ (checkpoints, metrics.jsonl), export/stage2-hf"
-	@echo "(a transformers Llava folder: AutoModelForImageTextToText / AutoProcessor load it), eval/ (safety"
-	@echo "layers of the LLM and of the trained VLM, per-layer alignment, DSR image vs text, VQA score)."
-	@echo "MLflow UI (stage 2 with its eval/ reports; stage 1 likewise in work/runs/stage1):"
-	@echo "  $(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/work/runs/stage2/mlflow.db"
+	@$(PY) -m pipeline.demo_summary --work work
 
 # The paper's four ablations on the tiny world, each trained once per seed of ABLATION_SEEDS
 # (e.g. make ablations ABLATION_SEEDS="0 1"); results.json/md/png and an MLflow store in work/ablations.

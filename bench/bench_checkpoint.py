@@ -129,7 +129,7 @@ def exclude_frozen_comparison(engine, loader, targets, cfg: TrainConfig, out: Pa
     engine.step()
     if all(torch.equal(a, b) for a, b in zip(saved, projector_values(engine))):
         raise RuntimeError("the extra step did not change the projector: the load check would prove nothing")
-    try:  # what Checkpointer.load does (strict): the frozen weights are missing from the file
+    try:  # DeepSpeed's default (strict): the frozen weights are missing from the file
         engine.load_checkpoint(str(out / "without_frozen"), tag=tag)
         result["strict_load_error"] = None
     except RuntimeError as err:
@@ -211,8 +211,8 @@ def report(cfg, step_s, save_s, load_s, sizes, slim, resumed: list[dict], fresh:
     print(f"  zero_to_fp32 consolidation: {slim['without_frozen_tensors']} tensors without frozen params, "
           f"{slim['with_frozen_tensors']} with (the full model)")
     strict = slim["strict_load_error"]
-    print("  strict load (Checkpointer.load's default): " + (f"fails: {strict}" if strict else "works")
-          + "; load_checkpoint(..., load_module_strict=False) is needed" * bool(strict))
+    print("  strict load (DeepSpeed's default; Checkpointer loads without frozen weights non-strictly): "
+          + (f"fails: {strict}" if strict else "works"))
     to_first = statistics.median(r["to_first_step_s"] for r in resumed)
     line = f"resume-to-first-step: {to_first:.2f} s (median of {len(resumed)} resumed stage runs)"
     if all("to_resumed_s" in r for r in resumed):

@@ -19,6 +19,16 @@ else  # CPU: DeepSpeed's CPU accelerator with gloo, CPU_RANKS processes per node
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES > GPUS_PER_NODE ? CORES / GPUS_PER_NODE : 1 ))}
 fi
 STAGE_ARGS=(--config "$CONFIG" "$@")
+# --help and --print-config answer from one process (through the launcher every rank would print);
+# --dry-run checks for this allocation's ranks unless --world-size says otherwise.
+for arg in "$@"; do
+  case "$arg" in
+    --help|-h|--print-config) exec "$PYTHON" -m "$STAGE_MODULE" "${STAGE_ARGS[@]}" ;;
+    --dry-run)
+      [[ " $* " == *" --world-size "* ]] || STAGE_ARGS+=(--world-size $(( ${SLURM_JOB_NUM_NODES:-1} * GPUS_PER_NODE )))
+      exec "$PYTHON" -m "$STAGE_MODULE" "${STAGE_ARGS[@]}" ;;
+  esac
+done
 
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${SLURM_STEP_ID:-}" ]; then
   # Batch script under Slurm: one task per GPU on every node. Each task is a rank: SLURM_PROCID,

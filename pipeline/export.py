@@ -48,6 +48,7 @@ from pipeline.conventions import IMAGE_TOKEN
 from pipeline.model.assemble import AssembledModel, apply_freeze, build_llava, projector_state_dict, save_projector
 from pipeline.model.lora import add_lora
 from pipeline.model_card import training_data, write_card
+from pipeline.process_exit import run_as_process
 from pipeline.tga.templates import get_template, template_source
 from pipeline.train.checkpoint import (CheckpointError, latest_complete_step, read_marker, saved_steps,
                                        step_tag, trained_weights)
@@ -332,10 +333,21 @@ def _staged(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _readable_as_umask_allows(staging)
     if out.exists():
         out.rmdir()
     os.replace(staging, out)
     log.info("wrote %s", out)
+
+
+def _readable_as_umask_allows(folder: Path) -> None:
+    """Files as a plain write would leave them (0644 under the usual umask): some writers go
+    through private temporary files (mode 0600), which would keep the model from its other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _refuse_existing(out: Path) -> None:
@@ -381,4 +393,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_as_process(lambda: main(sys.argv[1:]))

@@ -29,6 +29,7 @@ import yaml
 from pipeline.atomic import atomic_path
 from pipeline.data.sources import DatasetConfig, resolve
 from pipeline.eval.ablation_results import SeedOutputs, seed_results
+from pipeline.process_exit import run_as_process
 
 CARD = "README.md"
 TRAINING_FILE = "tga_training.json"  # pipeline.export writes it next to the weights
@@ -107,7 +108,8 @@ def evaluation_results(folder: Path, eval_dir: Path) -> dict[str, Any] | None:
                                        configured_layers=tuple(training.get("tga_layers", ()))))
     safety = found.get("safety_layers/safety_layers.json")
     return {"numbers": numbers, "reports": sorted(found),
-            "suggested_layers": safety["summary"]["suggested_layers"] if safety else None}
+            "suggested_layers": safety["summary"]["suggested_layers"] if safety else None,
+            "num_layers": safety.get("num_layers") if safety else None}
 
 
 def render(info: dict[str, Any], results: dict[str, Any] | None, title: str) -> str:
@@ -199,8 +201,19 @@ def _evaluation_section(results: dict | None) -> str:
         if numbers[key] is not None]
     text = "## Evaluation\n\n" + _table(("metric", "value"), rows)
     if results["suggested_layers"]:
-        text += f"\n\nLogit-lens safety layers of this model: {results['suggested_layers']}."
+        text += f"\n\nLogit-lens safety layers of this model: {results['suggested_layers']}" + _layer_note(
+            results["suggested_layers"], results.get("num_layers"))
     return text + "\n\nFrom: " + ", ".join(f"`{name}`" for name in results["reports"]) + "."
+
+
+def _layer_note(layers: list[int], num_layers: int | None) -> str:
+    """What the logit lens's range means: on a model so small that it covers most layers, there is
+    no middle band to align, only a sign that refusal shows up early."""
+    if not num_layers or len(layers) * 2 <= num_layers:
+        return f" (of {num_layers} layers)." if num_layers else "."
+    return (f", {len(layers)} of its {num_layers} layers: at this size the refusal shows up from the first "
+            "layers on and there is no separate middle band; read it as where refusal is visible, not as "
+            "the paper's safety layers of a 7B model.")
 
 
 def _usage_section(title: str) -> str:
@@ -265,4 +278,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_as_process(lambda: main(sys.argv[1:]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from pipeline.config import parse_args
+from pipeline.process_exit import run_as_process
 from pipeline.retrieval.build import run_caption_index
 from pipeline.retrieval.clip_env import RetrievalEnvError
 from pipeline.retrieval.config import CaptionIndexConfig
@@ -28,9 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"caption_index: {'up to date, nothing done' if stats['skipped'] else 'built'}: {stats['n_vectors']} "
           f"captions ({counts['toxic']} toxic; dropped {counts['empty_text']} empty, {counts['duplicate_text']} "
           f"duplicate) of dim {stats['embedding_dim']}, index {stats['index_key']} in {cfg.output_dir}, "
-          f"{stats['durations_s']['total']:.1f} s", flush=True)
+          f"{'built earlier in ' if stats['skipped'] else ''}{stats['durations_s']['total']:.1f} s", flush=True)
     return stats
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)

@@ -12,6 +12,7 @@ import logging
 
 from pipeline.config import parse_args
 from pipeline.data.llava import LlavaInputError
+from pipeline.process_exit import run_as_process
 from pipeline.retrieval.clip_env import RetrievalEnvError
 from pipeline.retrieval.config import RetrievalJoinConfig
 from pipeline.retrieval.corpus import CorpusError
@@ -20,12 +21,13 @@ from pipeline.retrieval.index import IndexFolderError
 from pipeline.retrieval.join import run_retrieval_join
 
 
-def summary(stats: dict) -> str:
+def summary(stats: dict, skipped: bool = False) -> str:
     counts = stats["counts"]
     rejected = ", ".join(f"{reason}={n}" for reason, n in counts["rejected"].items()) or "none"
     return (f"{counts['written']} samples written of {counts['input']} ({counts['with_image']} with image, "
             f"{counts['text_only']} text-only), rejected {sum(counts['rejected'].values())} ({rejected}), "
-            f"{len(stats['shards'])} shards, {stats['durations_s']['total']:.1f} s")
+            f"{len(stats['shards'])} shards, {'written earlier in ' if skipped else ''}"
+            f"{stats['durations_s']['total']:.1f} s")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,11 +38,12 @@ def main(argv: list[str] | None = None) -> dict:
     except (LlavaInputError, IndexFolderError, CorpusError, RetrievalEnvError, EmbeddingsError) as err:
         raise SystemExit(f"retrieval_join: {err}") from None
     done = " (already complete, nothing done)" if stats["skipped"] else ""
-    print(f"retrieval_join slice {cfg.slice.index}/{cfg.slice.count}{done}: {summary(stats)}", flush=True)
+    print(f"retrieval_join slice {cfg.slice.index}/{cfg.slice.count}{done}: {summary(stats, stats['skipped'])}",
+          flush=True)
     if stats["merged"] is not None:
-        print(f"retrieval_join dataset {cfg.output_dir}: {summary(stats['merged'])}", flush=True)
+        print(f"retrieval_join dataset {cfg.output_dir}: {summary(stats['merged'], stats['skipped'])}", flush=True)
     return stats
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)

@@ -68,6 +68,25 @@ def test_table_lines_up_the_headline_numbers_of_finished_ablations(tmp_path, mon
     assert table([results(cfg)]).splitlines()[2] == "| iii_tga | 0.500 | 1.000 | 0.500 | — | — |"
 
 
+def test_table_after_a_suite_reads_every_seed_folder_it_left(tmp_path, monkeypatch, capsys):
+    """`make ablations` evaluates into eval_dir/seed-<N>/: --table shows a row per seed found,
+    or the seeds asked for."""
+    monkeypatch.chdir(REPO)
+    for seed, image in ((0, 0.25), (1, 0.75)):
+        (tmp_path / f"seed-{seed}" / "dsr").mkdir(parents=True)
+        (tmp_path / f"seed-{seed}" / "dsr" / "summary.json").write_text(
+            json.dumps({"dsr": {"image": image, "text": 1.0, "gap": 1.0 - image}}))
+    config = tmp_path / "iii.yaml"
+    config.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "configs/ablations/tiny/iii_tga.yaml").read_text()),
+                                      "eval_dir": str(tmp_path)}))
+    main(["--table", str(config)])
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert rows == ["| iii_tga seed 0 | 0.250 | 1.000 | 0.750 | — | — |",
+                    "| iii_tga seed 1 | 0.750 | 1.000 | 0.250 | — | — |"]
+    main(["--table", "--seeds", "1", "--", str(config)])
+    assert capsys.readouterr().out.splitlines()[2:] == rows[1:]
+
+
 def test_corpus_filter_drops_rows_marked_toxic_and_snippet_texts(tiny_world, tmp_path):
     snippets = tmp_path / "snippets.txt"
     first_scene = pq.read_table(tiny_world.captions).to_pylist()[0]["text"]

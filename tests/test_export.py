@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import shutil
 
 import pytest
@@ -205,6 +206,14 @@ def test_hf_export_has_a_model_card_naming_base_models_data_tga_settings_steps_a
                      f"{cfg.tga.pair_weight}", f"experiment `{cfg.tracking.experiment}`, run `{tracking['run_id']}`",
                      "Not evaluated yet"):
         assert expected in card, expected
+
+
+def test_exported_files_are_readable_by_others_as_the_umask_allows(hf_dir):
+    """Not the 0600 of the writers' private temporary files: a shared model folder is read by others."""
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in hf_dir.iterdir() if path.is_file()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
 
 
 def test_model_card_refresh_adds_the_results_of_this_folders_evaluation_and_refuses_another_models(

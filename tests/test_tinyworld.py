@@ -400,3 +400,37 @@ def test_scene_pictures_put_each_object_in_its_cell():
             cx, cy = scenes.cell_centre(obj.cell, scenes.IMAGE_SIZE)
             pixel = image.getpixel((int(cx), int(cy)))
             assert sum(abs(a - b) for a, b in zip(pixel, scenes.COLOURS[obj.colour])) < 60, (scene, obj)
+
+
+def test_the_front_door_keeps_a_complete_world_and_says_so_in_one_line(tiny_world, monkeypatch, capsys):
+    monkeypatch.setattr("pipeline.tinyworld.__main__.generate", lambda out, seed=0: pytest.fail("regenerated"))
+    main(["--out", str(tiny_world.root)])
+    [line] = capsys.readouterr().out.splitlines()
+    assert line == (f"tinyworld: {tiny_world.root} holds a complete world of seed 0 made by this generator: kept "
+                    "(--force rebuilds it)")
+
+
+def _fake_world(out: Path, seed: int, note: str) -> None:
+    """What the front door reads of a world: world.json with seed, counts and metrics, plus a file."""
+    out.mkdir(parents=True)
+    (out / "note.txt").write_text(note)
+    (out / "world.json").write_text(json.dumps({"seed": seed, "counts": {}, "metrics": {}, "files": {}}))
+
+
+def test_the_front_door_rebuilds_another_world_only_with_force_beside_it_and_swaps_it_in(tmp_path, monkeypatch):
+    """The generator itself is tested above (minutes); here it writes a stand-in world, so that the
+    refusal, the build beside and the swap are what is tested."""
+    built = []
+    monkeypatch.setattr("pipeline.tinyworld.__main__.generate",
+                        lambda out, seed=0: built.append(out) or _fake_world(out, seed, "new"))
+    out = tmp_path / "tiny"
+    _fake_world(out, seed=1, note="old")
+    with pytest.raises(SystemExit, match="holds the world of seed 1, not 0; rerun with --force"):
+        main(["--out", str(out)])
+    assert built == []
+    with open(out / "note.txt") as reader:  # a job reading the old world
+        main(["--out", str(out), "--force"])
+        assert reader.read() == "old"
+    assert built == [tmp_path / ".tiny.building"]
+    assert (out / "note.txt").read_text() == "new" and json.loads((out / "world.json").read_text())["seed"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tiny.lock", "tiny"]

@@ -2,7 +2,7 @@
 alignment, over-refusal, ability; and the four of them as one suite with a results table.
 
     python -m pipeline.eval.ablation configs/ablations/tiny/iii_tga.yaml [--dry-run]
-    python -m pipeline.eval.ablation --table configs/ablations/tiny/i*.yaml      (results side by side)
+    python -m pipeline.eval.ablation --table [--seeds 0 1] configs/ablations/tiny/i*.yaml  (results side by side)
     python -m pipeline.eval.ablation --suite [--seeds 0 1] --out work/ablations FILE...  (results.json/md/png)
 
 An ablation file (`AblationConfig`) names the base configs of every stage and only the overrides
@@ -260,6 +260,17 @@ def results(cfg: AblationConfig) -> dict:
             **{k: (ability[k] if ability else None) for k in ("exact_match", "token_f1")}}
 
 
+def evaluated(cfg: AblationConfig, seeds: list[int] | None) -> list[AblationConfig]:
+    """What `--table` reads: the given seeds' folders; else the ablation's own eval_dir when it ran
+    alone, or every `seed-<N>` folder a suite left in it (`make ablations`), one row each."""
+    if seeds is None and not (cfg.eval_dir / "dsr").is_dir():
+        seeds = sorted(int(p.name.removeprefix("seed-")) for p in cfg.eval_dir.glob("seed-*")
+                       if p.name.removeprefix("seed-").isdigit())
+    if not seeds:
+        return [cfg]
+    return [dataclasses.replace(for_seed(cfg, seed), name=f"{cfg.name} seed {seed}") for seed in seeds]
+
+
 def table(rows: list[dict]) -> str:
     columns = list(rows[0])
     cell = lambda v: "—" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
@@ -364,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     except ConfigError as err:
         raise SystemExit(f"config error: {err}") from None
     if args.table:
-        print(table([results(cfg) for cfg in configs]))
+        print(table([results(one) for cfg in configs for one in evaluated(cfg, args.seeds)]))
         return None
     if args.suite:
         args.seeds = args.seeds or [0]

@@ -4,6 +4,6 @@
 stages, a caption corpus with toxic snippets, toxic eval scenes, and tiny LLM / CLIP / tokenizer
 folders that load with `from_pretrained`, so every stage runs with no download and no GPU.
 """
-from .world import WorldPaths, ensure, generate
+from .world import WorldPaths, ensure, generate, stale_reason
 
-__all__ = ["WorldPaths", "ensure", "generate"]
+__all__ = ["WorldPaths", "ensure", "generate", "stale_reason"]

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from transformers import CLIPModel, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from pipeline.progress import progress
+
 IGNORE_INDEX = -100
 
 
@@ -27,7 +29,7 @@ def train_clip(model: CLIPModel, pixel_values: torch.Tensor, token_ids: torch.Te
     groups = torch.as_tensor(groups)
     model.train()
     losses = []
-    for _ in range(steps):
+    for _ in progress_steps(steps, "tiny CLIP"):
         batch = torch.randperm(len(token_ids), generator=generator)[:batch_size]
         ids = token_ids[batch]
         ids = ids[:, :int((ids != 0).nonzero()[:, 1].max()) + 1]  # trailing padding: causal, after the pooled eos
@@ -42,6 +44,14 @@ def train_clip(model: CLIPModel, pixel_values: torch.Tensor, token_ids: torch.Te
         losses.append(loss.item())
     model.eval()
     return losses
+
+
+def progress_steps(steps: int, desc: str):
+    """range(steps) with a progress line: the two trainings are most of the world's minutes."""
+    with progress(steps, desc=desc, unit="step") as bar:
+        for step in range(steps):
+            yield step
+            bar.update(1)
 
 
 @torch.no_grad()
@@ -74,7 +84,7 @@ def train_llm(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, pairs
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
     model.train()
     losses = []
-    for _ in range(steps):
+    for _ in progress_steps(steps, "tiny LLM"):
         batch = torch.randperm(len(examples), generator=generator)[:batch_size].tolist()
         input_ids = _pad([examples[i][0] for i in batch], tokenizer.pad_token_id)
         labels = _pad([examples[i][1] for i in batch], IGNORE_INDEX)

@@ -269,13 +269,27 @@ def generate(out: Path, seed: int = 0) -> WorldPaths:
     return paths
 
 
+def stale_reason(paths: WorldPaths, seed: int) -> str | None:
+    """None when `paths.root` holds a complete world of `seed`, made by this code and unchanged on
+    disk; else what is wrong with it, starting with "incomplete" for a generation cut short."""
+    if (paths.root / _INCOMPLETE).exists():
+        return "incomplete (its generation was cut short)"
+    if not paths.world_json.is_file():
+        return "holds no tiny world (no world.json)"
+    recorded = json.loads(paths.world_json.read_text())
+    if recorded.get("seed") != seed:
+        return f"holds the world of seed {recorded.get('seed')}, not {seed}"
+    if recorded.get("generator") != generator_fingerprint():
+        return "holds a world made by other generator code or library versions"
+    if recorded.get("files") != _file_hashes(paths.root):
+        return "its files changed since it was generated"
+    return None
+
+
 def ensure(out: Path, seed: int = 0) -> WorldPaths:
     """The world under `out`: reused when complete, of this seed, made by this code and unchanged
     on disk; generated otherwise."""
     paths = WorldPaths.under(Path(out))
-    if paths.world_json.is_file() and not (paths.root / _INCOMPLETE).exists():
-        recorded = json.loads(paths.world_json.read_text())
-        if (recorded.get("seed"), recorded.get("generator")) == (seed, generator_fingerprint()) \
-                and recorded.get("files") == _file_hashes(paths.root):
-            return paths
+    if paths.world_json.is_file() and stale_reason(paths, seed) is None:
+        return paths
     return generate(out, seed)

@@ -26,7 +26,9 @@ import dataclasses
 import json
 import logging
 import re
+import shlex
 import shutil
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -234,10 +236,11 @@ class Checkpointer:
             return None
         tag = step_tag(step)
         step_dir = self.ckpt_dir / tag
-        if step == self._last_saved:
-            log.info("checkpoint %s already holds this state; not saving it again", step_dir)
-            return step_dir
         rank, world = rank_and_world()
+        if step == self._last_saved:
+            if rank == 0:
+                log.info("checkpoint %s already holds this state; not saving it again", step_dir)
+            return step_dir
         started = time.monotonic()
         if rank == 0 and step_dir.exists():
             # Left by a save that was cut short, or by the run before a forced resume_step.
@@ -257,7 +260,8 @@ class Checkpointer:
             _write_text(self.ckpt_dir / LATEST, tag)
             self._apply_retention(step)
         self._last_saved = step
-        log.info("saved checkpoint %s in %.1f s", step_dir, time.monotonic() - started)
+        if rank == 0:  # one line per save, not one per rank
+            log.info("saved checkpoint %s in %.1f s", step_dir, time.monotonic() - started)
         return step_dir
 
     def load(self) -> Restored | None:
@@ -305,7 +309,7 @@ class Checkpointer:
         """The folder DeepSpeed loads: the checkpoint itself, or its universal conversion."""
         if not self.engine.load_universal_checkpoint():
             if saved_world != world:
-                raise CheckpointError(_world_size_message(self.ckpt_dir, step, saved_world, world))
+                raise CheckpointError(world_size_message(self.ckpt_dir, step, saved_world, world))
             return step_tag(step)
         tag = step_tag(step) + "_universal"
         if not (self.ckpt_dir / tag).is_dir():
@@ -342,7 +346,7 @@ def _has_frozen_parameters(engine) -> bool:
     return module is not None and any(not p.requires_grad for p in module.parameters())
 
 
-def _world_size_message(ckpt_dir: Path, step: int, saved_world: int, world: int) -> str:
+def world_size_message(ckpt_dir: Path, step: int, saved_world: int, world: int) -> str:
     return (f"{ckpt_dir / step_tag(step)} was written by {saved_world} ranks, this run has {world}. "
             "ZeRO-3 shards are split per rank and cannot be loaded by a different number of ranks. "
             f"Either resume with {saved_world} ranks, or " + _conversion_hint(ckpt_dir, step)
@@ -353,7 +357,7 @@ def _world_size_message(ckpt_dir: Path, step: int, saved_world: int, world: int)
 def _conversion_hint(ckpt_dir: Path, step: int) -> str:
     source = ckpt_dir / step_tag(step)
     return ("convert it to a DeepSpeed universal checkpoint:\n"
-            f"    python -m deepspeed.checkpoint.ds_to_universal --input_folder {source} "
+            f"    {shlex.quote(sys.executable)} -m deepspeed.checkpoint.ds_to_universal --input_folder {source} "
             f"--output_folder {source}_universal\n"
             'then resume with "checkpoint": {"load_universal": true} in the DeepSpeed config.')
 

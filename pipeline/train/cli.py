@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 import sys
 
-# Both stdlib only: they import in milliseconds.
+# All three stdlib only: they import in milliseconds.
+from pipeline.process_exit import run_as_process
 from pipeline.train.launch_env import LaunchEnvError, apply_rank_environment
 from pipeline.train.preemption import PreemptionFlag
 
@@ -86,8 +87,8 @@ def _dry_run_flags(argv: list[str]) -> tuple[list[str], int | None, str | None]:
 def run_from_launch_script(stage: str, default_config: str) -> None:
     """The Python side of launch/stage*.sh, which the DeepSpeed launcher runs as
     `python -u launch/stageN.sh [--local_rank=N] ...` (`deepspeed --launcher slurm`: as srun tasks);
-    CONFIG selects the config as in bash."""
+    CONFIG selects the config as in bash. Ends the process (pipeline/process_exit.py)."""
     argv = sys.argv[1:]
     if "--config" not in argv:
         argv = ["--config", os.environ.get("CONFIG", default_config), *argv]
-    run_training_stage(stage, argv)
+    run_as_process(lambda: run_training_stage(stage, argv))

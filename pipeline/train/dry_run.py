@@ -115,7 +115,8 @@ def _shards(cfg: TrainConfig, world_size: int) -> list[str]:
 
 def _checkpoints(cfg: TrainConfig, world_size: int) -> list[str]:
     """What a resume would find in the run folder: the step it would load, written by how many ranks."""
-    from pipeline.train.checkpoint import CheckpointError, read_marker, step_tag, step_to_resume
+    from pipeline.train.checkpoint import (CheckpointError, read_marker, step_tag, step_to_resume,
+                                           world_size_message)
     from pipeline.train.engine import deepspeed_config
     from pipeline.train.run_folder import RunFolder
 
@@ -133,9 +134,7 @@ def _checkpoints(cfg: TrainConfig, world_size: int) -> list[str]:
     if step >= run_plan(cfg, saved_world).total_steps:
         return [f"run_dir={cfg.run_dir}: this run finished (step {step} of {step}, on {saved_world} ranks); "
                 f"nothing to resume. Its results are in {cfg.run_dir}; to train again use a new run_dir"]
-    return [f"run_dir={cfg.run_dir}: checkpoint step {step} was written by {saved_world} ranks, this job has "
-            f"{world_size}; resume with {saved_world} ranks (ZeRO-3 partitions, data positions and RNG states "
-            "are per rank)"]
+    return [f"run_dir={cfg.run_dir}: " + world_size_message(ckpt_dir, step, saved_world, world_size)]
 
 
 def _first_line(err: Exception) -> str:
