@@ -22,7 +22,6 @@ def run_training_stage(stage: str, argv: list[str] | None = None) -> None:
         raise SystemExit(f"launch environment: {error}") from None
     from pipeline.config import parse_args
     from pipeline.train.config import TrainConfig
-    from pipeline.train.loop import main
 
     # The DeepSpeed launcher appends --local_rank=N; the rank comes from the environment instead.
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
@@ -44,7 +43,31 @@ def run_training_stage(stage: str, argv: list[str] | None = None) -> None:
     _warn_on_shared_memory(cfg, dry_run_world)
     if dry_run_world is not None:
         raise SystemExit(0)
-    main(cfg, preemption)
+    _train_rank(cfg, preemption)
+
+
+def _train_rank(cfg, early: PreemptionFlag) -> None:
+    """This rank's run: logging, the preemption flag for the configured signals, the loop, one
+    line for a data error (the launcher, or srun --kill-on-bad-exit, stops the other ranks), the
+    process group left together, the exit code."""
+    import logging
+
+    from pipeline.data.shards import ShardFormatError, ShardReadError, data_error_line
+    from pipeline.train.distributed import shutdown
+    from pipeline.train.loop import train
+    from pipeline.train.preemption import flag_for
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    preemption = flag_for(cfg.preemption_signals, early)
+    try:
+        code = train(cfg, preemption)
+    except (ShardReadError, ShardFormatError) as err:
+        print(f"[{cfg.stage}] rank {os.environ.get('RANK', '0')}: {data_error_line(err)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    preemption.ignore_from_now()  # finished or checkpointed: a late signal must not fail the job
+    shutdown()
+    raise SystemExit(code)
 
 
 def _warn_on_shared_memory(cfg, dry_run_world: int | None) -> None:

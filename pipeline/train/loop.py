@@ -1,27 +1,25 @@
-"""The training loop: fetch, agree on the epoch end, forward/backward/step, log, maybe save, stop on
-preemption. It only decides *when*; pipeline/train/job.py builds what it drives.
+"""The training loop: one optimizer step after another (pipeline/train/step.py's train_step), log,
+save when due, stop on an agreed preemption. It only decides *when*; pipeline/train/job.py builds
+what it drives, pipeline/train/cli.py runs it in the rank's process.
 """
 from __future__ import annotations
 
 import functools
 import logging
-import os
-import sys
 import time
 
 import deepspeed
 
 from pipeline.data.batch import Batch
-from pipeline.data.shards import ShardFormatError, ShardReadError, data_error_line
 from pipeline.model.assemble import projector_weights, save_projector
 from pipeline.train.config import TrainConfig
-from pipeline.train.distributed import barrier, shutdown
+from pipeline.train.distributed import barrier
 from pipeline.train.epochs import AgreedEpochs
 from pipeline.train.flops import StepFlops, peak_flops_per_device
 from pipeline.train.job import Job, build_job
 from pipeline.train.metrics import COSINE, StepMeter, step_line
 from pipeline.train.plots import layer_cosine_figure, save_png
-from pipeline.train.preemption import PreemptionFlag, requeue_if_slurm, signal_names
+from pipeline.train.preemption import PreemptionFlag, requeue_if_slurm
 from pipeline.train.step import train_step
 
 log = logging.getLogger("pipeline.train")
@@ -112,33 +110,3 @@ def _export_projector(job: Job) -> None:
             save_projector(projector_weights(projector), job.run.projector)
             job.tracker.log_artifact(job.run.projector, "export")
     barrier()
-
-
-def _preemption_flag(early: PreemptionFlag | None, signals: list[str]) -> PreemptionFlag:
-    """The flag for the configured signals, keeping a signal the early (default) flag caught."""
-    if early is not None and set(early.signals) == set(signal_names(signals)):
-        return early
-    if early is not None:
-        early.restore()
-    flag = PreemptionFlag(signals)
-    if early is not None and early.is_set:
-        flag.received = early.received
-    return flag
-
-
-def main(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> None:
-    """The rank process: logging, the preemption flag for the configured signals (keeping a signal
-    the entry's early flag caught), the run, one line for a data error, the exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    preemption = _preemption_flag(preemption, cfg.preemption_signals)
-    try:
-        code = train(cfg, preemption)
-    except (ShardReadError, ShardFormatError) as err:
-        # one line naming the shard; the launcher (or srun --kill-on-bad-exit) stops the other ranks
-        rank = os.environ.get("RANK", "0")
-        print(f"[{cfg.stage}] rank {rank}: {data_error_line(err)}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    preemption.ignore_from_now()  # finished or checkpointed: a late signal must not fail the job
-    shutdown()
-    sys.exit(code)

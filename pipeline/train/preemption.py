@@ -131,3 +131,16 @@ def _signal_by_name(name: str) -> signal.Signals:
     if key not in signal.Signals.__members__ or key in ("SIGKILL", "SIGSTOP"):
         raise ValueError(f"cannot catch signal '{name}'; use names such as SIGTERM, SIGUSR1, SIGUSR2")
     return signal.Signals[key]
+
+
+def flag_for(signals: list[str], early: PreemptionFlag | None = None) -> PreemptionFlag:
+    """The flag for the configured `signals`, keeping a signal the entry's `early` (default) flag
+    caught while the config was not yet read."""
+    if early is not None and set(early.signals) == set(signal_names(signals)):
+        return early
+    if early is not None:
+        early.restore()
+    flag = PreemptionFlag(signals)
+    if early is not None and early.is_set:
+        flag.received = early.received
+    return flag
