@@ -18,9 +18,11 @@ def test_launch_script_is_valid_bash_and_valid_python(script):
 
 
 @pytest.mark.parametrize("flag", ["--help", "--print-config"])
-def test_help_and_print_config_answer_once_through_the_launcher(flag):
-    """Through DeepSpeed's launcher every rank would print them (the help came twice on 2 CPU ranks)."""
-    done = subprocess.run(["bash", str(REPO / "launch" / "stage1.sh"), flag], cwd=REPO,
+def test_help_and_print_config_answer_once_through_the_launcher(flag, tiny_world, tmp_path):
+    """Through DeepSpeed's launcher every rank would print them (the help came twice on 2 CPU ranks).
+    The model folders are the tiny world's: a fresh clone has no work/ for the tiny config to name."""
+    overrides = [f"model.llm={tiny_world.llm}", f"model.vision_tower={tiny_world.clip}", f"shards={tmp_path}"]
+    done = subprocess.run(["bash", str(REPO / "launch" / "stage1.sh"), flag, *overrides], cwd=REPO,
                           env=stage_env(CONFIG="configs/tiny/stage1.yaml", CPU_RANKS="2", PYTHON=sys.executable),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
