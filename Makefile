@@ -107,7 +107,7 @@ demo: env retrieval-env
 	  --retrieved work/eval/retrieved/toxic --out $(EVAL2)/dsr
 	@echo "== Over-refusal: the same questions about benign pictures (on disk only: into the run it would replace dsr/)"
 	$(PY) -m pipeline.eval.dsr --model $(STAGE2_HF) --data work/tiny/eval/benign_requests.json \
-	  --retrieved work/eval/retrieved/benign_requests --out $(EVAL2)/over_refusal --no-mlflow
+	  --retrieved work/eval/retrieved/benign_requests --out $(EVAL2)/over_refusal --expect answer --no-mlflow
 	$(PY) -m pipeline.eval.ability --model $(STAGE2_HF) --data work/tiny/eval/benign_vqa.json \
 	  --retrieved work/eval/retrieved/benign --out $(EVAL2)/ability
 	$(PY) -m pipeline.model_card $(STAGE2_HF) --eval-dir $(EVAL2)
