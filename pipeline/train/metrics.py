@@ -89,8 +89,10 @@ class StepMeter:
         return parts, cosine_sums, numbers[-1]
 
     def report(self) -> dict[str, float]:
+        return self._report(*self._read())
+
+    def _report(self, parts: dict[str, float], cosine_sums: dict[str, float], valid_samples: float) -> dict[str, float]:
         seconds = time.perf_counter() - self.start
-        parts, cosine_sums, valid_samples = self._read()
         out = {name: value / max(self.micro_steps, 1) for name, value in parts.items()}
         out.update({name: total / valid_samples if valid_samples else 0.0 for name, total in cosine_sums.items()})
         out.update({
@@ -106,13 +108,13 @@ class StepMeter:
                 out["mfu"] = self.model_flops / seconds / self.peak_flops
         return out
 
-
     def report_over_ranks(self, world: int) -> dict[str, float]:
         """The step for the whole job (a collective): rates summed over ranks, cos_layer/<l> the
         mean over every rank's valid samples (a rank with none must not pull it towards 0), every
         other value the mean of the ranks' values."""
-        local = {name: value for name, value in self.report().items() if not name.startswith(COSINE)}
-        _, cosine_sums, valid_samples = self._read()
+        parts, cosine_sums, valid_samples = self._read()  # one device-to-host copy for both uses
+        local = {name: value for name, value in self._report(parts, cosine_sums, valid_samples).items()
+                 if not name.startswith(COSINE)}
         weighted = {f"{COSINE}sum/{name[len(COSINE):]}": total for name, total in cosine_sums.items()}
         summed = sum_over_ranks({**local, **weighted, "valid_samples": valid_samples})
         out = {name: summed[name] if name in RATES else summed[name] / world for name in local}
